@@ -1,0 +1,1 @@
+"""RLlib integration for CVPO."""
