@@ -1,0 +1,317 @@
+"""The CVPO torch learner: critics, E-step, M-step, targets, in one update.
+
+One gradient update on a minibatch of B n-step transitions (all math from
+``cvpo``; this file only wires it into RLlib's Learner):
+
+1. critics: every member regresses onto its n-step TD target
+   ``y = R + discount * V_old(s')`` with ``V_old(s') = mean_j reduce(Q_old(s', a'_j))``,
+   ``a'_j ~ pi_old(.|s')``;
+2. E-step: K actions per state from pi_old, all critics evaluated in one
+   batched pass, the convex dual solved exactly -> weights q (B, K);
+3. M-step: weighted maximum likelihood inside the decoupled KL trust region;
+4. after the optimizer steps, polyak-average pi_old (the target actor) and
+   the target critics.
+
+The critic loss and the M-step loss touch disjoint parameters (the E-step is
+computed without gradients), so one backward pass serves both optimizers.
+A non-finite loss skips the whole update (counted in the metrics), so a NaN in
+the critics never reaches the actor's weights.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from ray.rllib.core.learner.learner import Learner
+from ray.rllib.core.learner.torch.torch_learner import TorchLearner
+from ray.rllib.core.rl_module.apis import TargetNetworkAPI
+from ray.rllib.utils.annotations import override
+from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
+
+from cvpo import estep
+from cvpo.mstep import TrustRegion, mstep_loss
+from cvpo.networks import polyak_update
+from rllib_ext.cvpo import metrics as M
+from rllib_ext.cvpo.torch.default_cvpo_torch_rl_module import ACTOR_MEAN, ACTOR_STD
+
+LEARNER_STATE_KEY = "cvpo_learner_state"
+_STATUSES = (estep.STATUS_CONVERGED, estep.STATUS_MAX_ITER, estep.STATUS_INFEASIBLE)
+
+
+class CVPOTorchLearner(TorchLearner):
+    """TorchLearner for CVPO (see the module docstring)."""
+
+    @override(TorchLearner)
+    def build(self) -> None:
+        super().build()
+        self.module.foreach_module(
+            lambda mid, mod: mod.make_target_networks()
+            if isinstance(mod, TargetNetworkAPI)
+            else None
+        )
+        self._trust: Dict[ModuleID, TrustRegion] = {}
+        self._dual: Dict[ModuleID, Optional[tuple]] = {}
+        self._counters: Dict[ModuleID, Dict[str, int]] = {}
+        self._skip_update = False
+        seed = self.config.seed if self.config.seed is not None else 0
+        self._generator = torch.Generator(device=self._device)
+        self._generator.manual_seed(int(seed) + 7919)
+        for mid in self.module.keys():
+            self._init_module_state(mid)
+
+    def _init_module_state(self, mid: ModuleID) -> None:
+        cfg = self.config.get_config_for_module(mid)
+        self._trust[mid] = TrustRegion(
+            eps_mu=cfg.mstep_kl_mu,
+            eps_sigma=cfg.mstep_kl_sigma,
+            alpha_lr=cfg.alpha_lr,
+            alpha_mu_max=cfg.alpha_mu_max,
+            alpha_sigma_max=cfg.alpha_sigma_max,
+        )
+        self._dual[mid] = None
+        self._counters[mid] = {"updates": 0, "skipped": 0}
+
+    @override(TorchLearner)
+    def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
+        module = self._module[module_id]
+        critic_params = self.get_parameters(module.critics)
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer_name="critic",
+            optimizer=torch.optim.Adam(critic_params),
+            params=critic_params,
+            lr_or_lr_schedule=config.critic_lr,
+        )
+        actor_params = self.get_parameters(module.actor)
+        self.register_optimizer(
+            module_id=module_id,
+            optimizer_name="actor",
+            optimizer=torch.optim.Adam(actor_params),
+            params=actor_params,
+            lr_or_lr_schedule=config.actor_lr,
+        )
+
+    # -- the update -------------------------------------------------------------------
+    def _sample(self, mean: torch.Tensor, std: torch.Tensor, k: int) -> torch.Tensor:
+        """k samples per state from N(mean, diag(std^2)): (B, d) -> (B, k, d)."""
+        eps = torch.randn(
+            (mean.shape[0], k, mean.shape[-1]),
+            generator=self._generator,
+            device=mean.device,
+            dtype=mean.dtype,
+        )
+        return mean.unsqueeze(1) + std.unsqueeze(1) * eps
+
+    @staticmethod
+    def _reduce(q: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+        if how == "min":
+            return q.min(dim=dim).values
+        if how == "max":
+            return q.max(dim=dim).values
+        return q.mean(dim=dim)
+
+    def _values(self, module, critics, obs, actions, cfg):
+        """Reward and cost values from one batched critic pass.
+
+        obs (B, o), actions (B, K, d) -> q (B, K), qc (m, B, K).
+        """
+        low, high = module._action_low, module._action_high
+        q_all = critics(obs, torch.clamp(actions, low, high))  # (M, B, K)
+        E, m, Ec = module.num_reward_critics, module.num_constraints, module.num_cost_critics
+        q = self._reduce(q_all[:E], cfg.reward_critic_reduction, 0)  # (B, K)
+        qc = q_all[E:].reshape(m, Ec, *q_all.shape[1:])  # (m, Ec, B, K)
+        qc = self._reduce(qc, cfg.cost_critic_reduction, 1)  # (m, B, K)
+        return q, qc
+
+    @override(Learner)
+    def compute_loss_for_module(
+        self,
+        *,
+        module_id: ModuleID,
+        config,
+        batch: Dict[str, Any],
+        fwd_out: Dict[str, TensorType],
+    ) -> TensorType:
+        module = self.module[module_id].unwrapped()
+        if not hasattr(module, "_action_low"):
+            space = module.action_space
+            module._action_low = torch.as_tensor(space.low, device=self._device)
+            module._action_high = torch.as_tensor(space.high, device=self._device)
+        obs = batch["obs"].reshape(batch["obs"].shape[0], -1).float()  # (B, o)
+        actions = batch["actions"].float()  # (B, d)
+        next_obs = batch["next_obs"].reshape(obs.shape[0], -1).float()  # (B, o)
+        rewards = batch["rewards"].float()  # (B,)
+        costs = batch["costs"].float().reshape(obs.shape[0], -1)  # (B, m)
+        discounts = batch["discounts"].float()  # (B,)
+        E, m = module.num_reward_critics, module.num_constraints
+
+        # ---- critics: n-step TD against the old policy and target critics
+        with torch.no_grad():
+            mu_next, std_next = module.target_actor(next_obs)  # (B, d)
+            a_next = self._sample(mu_next, std_next, config.num_target_actions)  # (B, Kt, d)
+            v_next, vc_next = self._values(module, module.target_critics, next_obs, a_next, config)
+            y_r = rewards + discounts * v_next.mean(-1)  # (B,)
+            y_c = costs.T + discounts * vc_next.mean(-1)  # (m, B)
+            target = torch.cat(
+                [y_r.expand(E, -1), y_c.repeat_interleave(module.num_cost_critics, dim=0)]
+            )  # (M, B)
+        q_pred = module.critics(obs, actions)  # (M, B)
+        member_mse = ((q_pred - target) ** 2).mean(dim=1)  # (M,)
+        critic_loss = member_mse.sum()
+
+        # ---- E-step: the non-parametric q over K samples from pi_old
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            mu_old, std_old = module.target_actor(obs)  # (B, d)
+            sampled = self._sample(mu_old, std_old, config.num_sampled_actions)  # (B, K, d)
+            q, qc = self._values(module, module.target_critics, obs, sampled, config)
+            t_eval = time.perf_counter() - t0
+            dual = estep.solve_dual(
+                q,
+                qc,
+                config.kl_bound,
+                self._thresholds(module_id, config),
+                solver=config.estep_solver,
+                init=self._dual[module_id],
+                lambda_max=config.estep_lambda_max,
+            )
+
+        # ---- M-step: weighted MLE inside the decoupled trust region
+        trust = self._trust[module_id]
+        actor_loss, stats = mstep_loss(
+            fwd_out[ACTOR_MEAN],
+            fwd_out[ACTOR_STD],
+            mu_old,
+            std_old,
+            sampled,
+            dual.weights,
+            trust,
+        )
+        total = critic_loss + actor_loss
+        # the one host sync per update: a non-finite loss skips the whole update
+        self._skip_update = not bool(torch.isfinite(total))
+        counters = self._counters[module_id]
+        if self._skip_update:
+            counters["skipped"] += 1
+        else:
+            self._dual[module_id] = (dual.eta, dual.lambdas)
+            trust.update(stats["kl_mu"], stats["kl_sigma"])
+            counters["updates"] += 1
+        self._log(module_id, module, dual, stats, member_mse, q, qc, t_eval, trust)
+        return total
+
+    def _thresholds(self, module_id: ModuleID, config) -> np.ndarray:
+        cache = getattr(self, "_threshold_cache", None)
+        if cache is None:
+            cache = self._threshold_cache = {}
+        if module_id not in cache:
+            cache[module_id] = config.step_thresholds()
+        return cache[module_id]
+
+    def _log(self, mid, module, dual, stats, member_mse, q, qc, t_eval, trust) -> None:
+        cfg = self.config.get_config_for_module(mid)
+        names = cfg.constraint_names
+        E = module.num_reward_critics
+        log = self.metrics.log_value
+        w = cfg.updates_per_learner_call
+        log((mid, M.ETA), dual.eta, window=1)
+        for k, name in enumerate(names):
+            log((mid, M.LAMBDA_PREFIX + name), dual.lambdas[k], window=1)
+            log((mid, M.QC_MEAN_PREFIX + name), qc[k].mean(), window=w)
+            log((mid, M.STEP_THRESHOLD_PREFIX + name), float(self._thresholds(mid, cfg)[k]), window=1)
+        log((mid, M.ESTEP_SOLVE_TIME_S), dual.solve_time, window=w)
+        log((mid, M.ESTEP_CRITIC_EVAL_TIME_S), t_eval, window=w)
+        log((mid, M.ESTEP_ITERATIONS), dual.iterations, window=w)
+        for status in _STATUSES:
+            hit = dual.status == status or dual.status.endswith(":" + status)
+            log((mid, M.ESTEP_STATUS_PREFIX + status), int(hit), reduce="sum")
+        log((mid, M.ESTEP_FALLBACKS), int(dual.fallback), reduce="sum")
+        log((mid, M.KL_MU), stats["kl_mu"], window=w)
+        log((mid, M.KL_SIGMA), stats["kl_sigma"], window=w)
+        log((mid, M.MLE_LOSS), stats["mle"], window=w)
+        log((mid, M.ALPHA_MU), trust.alpha_mu, window=1)
+        log((mid, M.ALPHA_SIGMA), trust.alpha_sigma, window=1)
+        log((mid, M.REWARD_CRITIC_LOSS), member_mse[:E].mean(), window=w)
+        if member_mse.shape[0] > E:
+            log((mid, M.COST_CRITIC_LOSS), member_mse[E:].mean(), window=w)
+        log((mid, M.Q_MEAN), q.mean(), window=w)
+        counters = self._counters[mid]
+        log((mid, M.NUM_UPDATES), counters["updates"], window=1)
+        log((mid, M.NUM_SKIPPED_UPDATES), counters["skipped"], window=1)
+
+    @override(TorchLearner)
+    def compute_gradients(self, loss_per_module: Dict[ModuleID, TensorType], **kwargs) -> ParamDict:
+        if self._skip_update:
+            for optim in self._optimizer_parameters:
+                optim.zero_grad(set_to_none=True)
+            return {}
+        return super().compute_gradients(loss_per_module, **kwargs)
+
+    @override(TorchLearner)
+    def apply_gradients(self, gradients_dict: ParamDict) -> None:
+        if self._skip_update:
+            return
+        # The loss was checked finite above; stepping without RLlib's per-tensor
+        # isfinite checks saves one host sync per parameter tensor.
+        for pid, grad in gradients_dict.items():
+            self._params[pid].grad = grad
+        for module_id, names in self._module_optimizers.items():
+            for name in names:
+                self.get_optimizer(module_id, name).step()
+            module = self.module[module_id].unwrapped()
+            tau = self.config.get_config_for_module(module_id).tau
+            for main, target in module.get_target_network_pairs():
+                polyak_update(target, main, tau)
+
+    # -- state ----------------------------------------------------------------------------
+    def _cvpo_state(self) -> Dict[str, Any]:
+        out = {"generator": self._generator.get_state().cpu().numpy()}
+        for mid in self.module.keys():
+            dual = self._dual.get(mid)
+            out[mid] = {
+                "dual": None
+                if dual is None
+                else (
+                    float(torch.as_tensor(dual[0]).item()),
+                    torch.as_tensor(dual[1]).detach().cpu().numpy(),
+                ),
+                "trust_region": self._trust[mid].state_dict(),
+                "counters": dict(self._counters[mid]),
+            }
+        return out
+
+    def _set_cvpo_state(self, state: Dict[str, Any]) -> None:
+        self._generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
+        for mid in self.module.keys():
+            if mid not in state:
+                continue
+            s = state[mid]
+            if s["dual"] is None:
+                self._dual[mid] = None
+            else:
+                eta, lambdas = s["dual"]
+                self._dual[mid] = (
+                    torch.tensor(eta, dtype=torch.float64),
+                    torch.as_tensor(np.asarray(lambdas)),
+                )
+            self._trust[mid].load_state_dict(s["trust_region"])
+            self._counters[mid] = dict(s["counters"])
+
+    @override(Learner)
+    def get_state(self, components=None, *, not_components=None, **kwargs):
+        state = super().get_state(components, not_components=not_components, **kwargs)
+        state[LEARNER_STATE_KEY] = self._cvpo_state()
+        return state
+
+    @override(Learner)
+    def set_state(self, state) -> None:
+        super().set_state(state)
+        if LEARNER_STATE_KEY in state:
+            self._set_cvpo_state(state[LEARNER_STATE_KEY])
+
+    def get_cvpo_state(self) -> Dict[str, Any]:
+        """eta, lambdas, alphas and counters (for tests and diagnostics)."""
+        return self._cvpo_state()

@@ -1,0 +1,236 @@
+"""Roll out a checkpoint's policy: mean reward, mean cost, violation rate, video.
+
+Works for any new-API-stack RLlib checkpoint (CVPO, PPO, SAC): the RLModule is
+loaded from the checkpoint without starting Ray, and the env is rebuilt with
+:func:`cvpo.envs.make_env` from the config stored in the checkpoint.
+
+Security: checkpoints are pickles. Load only checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
+CLASS_FILE = "class_and_ctor_args.pkl"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not exist, is not an RLlib one, or is damaged."""
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint folder for ``path`` (a checkpoint, or a trial folder: its newest)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint path {p} does not exist; pass the checkpoint_XXXXXX folder "
+            "printed at the end of `rllib train`"
+        )
+    if not (p / CLASS_FILE).exists():
+        found = sorted(p.glob("checkpoint_*"))
+        if found and (found[-1] / CLASS_FILE).exists():
+            return found[-1]
+        raise CheckpointError(
+            f"{p} is not an RLlib checkpoint (no {CLASS_FILE}); pass a checkpoint_XXXXXX "
+            "folder written by `rllib train` or Algorithm.save()"
+        )
+    return p
+
+
+def load_checkpoint_config(ckpt: Path):
+    """(Algorithm class, AlgorithmConfig) stored in a checkpoint."""
+    import rllib_ext  # noqa: F401  (CVPO must be importable to unpickle its config)
+
+    try:
+        with open(ckpt / CLASS_FILE, "rb") as f:
+            data = pickle.load(f)
+        algo_cls = data["class"]
+        args, _ = data["ctor_args_and_kwargs"]
+        config_state = args[0]
+    except Exception as err:  # noqa: BLE001 (any unpickling failure means damage)
+        raise CheckpointError(
+            f"checkpoint {ckpt} is damaged ({type(err).__name__}: {err}); "
+            "use an earlier checkpoint of the run"
+        ) from None
+    config = algo_cls.get_default_config()
+    if isinstance(config_state, dict):
+        config = config.update_from_dict(config_state) if "class" not in config_state else type(
+            config
+        ).from_state(config_state)
+    else:
+        config = config_state
+    return algo_cls, config
+
+
+def load_module(ckpt: Path):
+    """The RLModule (policy) stored in a checkpoint, on CPU, in eval mode."""
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    path = ckpt / MODULE_SUBDIR
+    if not path.exists():
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds no policy module at {MODULE_SUBDIR}; it was not written "
+            "by a new-API-stack algorithm, or it is incomplete"
+        )
+    try:
+        module = RLModule.from_checkpoint(path)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(
+            f"could not load the policy of checkpoint {ckpt} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); the checkpoint is damaged"
+        ) from None
+    module.eval()
+    return module
+
+
+def _policy(module, explore: bool):
+    import torch
+    from ray.rllib.core.columns import Columns
+
+    dist_cls = (
+        module.get_exploration_action_dist_cls() if explore else module.get_inference_action_dist_cls()
+    )
+
+    def act(obs: np.ndarray) -> np.ndarray:
+        batch = {Columns.OBS: torch.as_tensor(np.asarray(obs, np.float32)[None])}
+        with torch.no_grad():
+            out = module.forward_exploration(batch) if explore else module.forward_inference(batch)
+            if Columns.ACTIONS in out:
+                return out[Columns.ACTIONS][0].cpu().numpy()
+            dist = dist_cls.from_logits(out[Columns.ACTION_DIST_INPUTS])
+            if not explore:
+                dist = dist.to_deterministic()
+            return dist.sample()[0].cpu().numpy()
+
+    return act
+
+
+def _check_render_backend() -> None:
+    backend = os.environ.get("MUJOCO_GL")
+    if backend not in (None, "egl", "osmesa", "glfw"):
+        raise RuntimeError(f"MUJOCO_GL={backend!r} is not one of egl, osmesa, glfw")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    env_id: Optional[str] = None,
+    episodes: int = 10,
+    max_steps: Optional[int] = None,
+    explore: bool = False,
+    cost_limit: Optional[float] = None,
+    seed: int = 0,
+    render: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Rolls out the checkpoint's policy; returns means and the violation rate."""
+    from cvpo.envs import make_env
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    algo_cls, config = load_checkpoint_config(ckpt)
+    env_id = env_id or config.env
+    if not isinstance(env_id, str):
+        raise CheckpointError(f"the checkpoint's env {env_id!r} is not an id; pass --env ID")
+    env_config = dict(config.env_config or {})
+    keys = list(getattr(config, "cost_keys", None) or ["cost"])
+    if cost_limit is None:
+        limits = getattr(config, "cost_limits", None)
+        cost_limit = float(sum(limits)) if limits and len(limits) == 1 else (
+            None if not limits else float(limits[0])
+        )
+    module = load_module(ckpt)
+    act = _policy(module, explore)
+    frames = []
+    if render:
+        ext = Path(render).suffix.lower()
+        if ext not in (".mp4", ".gif"):
+            raise ValueError(f"--render must end in .mp4 or .gif, got {render!r}")
+        _check_render_backend()
+        env_config["render_mode"] = "rgb_array"
+    env = make_env(env_id, **env_config)
+    low, high = env.action_space.low, env.action_space.high
+    returns, costs, lengths = [], [], []
+    steps_total = 0
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            ret, cost, n, done = 0.0, 0.0, 0, False
+            while not done:
+                action = np.clip(act(obs), low, high)
+                obs, r, term, trunc, info = env.step(action)
+                ret += float(r)
+                cost += float(sum(info.get(k, 0.0) for k in keys))
+                n += 1
+                done = term or trunc
+                if render and ep == 0:
+                    frames.append(_render_frame(env))
+                steps_total += 1
+                if max_steps is not None and steps_total >= max_steps:
+                    done = True
+            returns.append(ret)
+            costs.append(cost)
+            lengths.append(n)
+            if max_steps is not None and steps_total >= max_steps:
+                break
+    finally:
+        env.close()
+    result: Dict[str, Any] = {
+        "checkpoint": str(ckpt),
+        "algorithm": algo_cls.__name__,
+        "env": env_id,
+        "episodes": len(returns),
+        "reward_mean": float(np.mean(returns)),
+        "reward_std": float(np.std(returns)),
+        "cost_mean": float(np.mean(costs)),
+        "cost_std": float(np.std(costs)),
+        "episode_length_mean": float(np.mean(lengths)),
+        "cost_limit": cost_limit,
+        "violation_rate": None
+        if cost_limit is None or math.isinf(cost_limit)
+        else float(np.mean([c > cost_limit for c in costs])),
+    }
+    if render:
+        result["video"] = _write_video(frames, render)
+    return result
+
+
+def _render_frame(env) -> np.ndarray:
+    try:
+        frame = env.render()
+    except Exception as err:  # noqa: BLE001 (MuJoCo raises several GL error types)
+        raise RuntimeError(
+            "rendering failed: no working MuJoCo offscreen backend "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            "Install one and select it: `apt-get install libegl1` with MUJOCO_GL=egl "
+            "(GPU machines), or `apt-get install libosmesa6` with MUJOCO_GL=osmesa "
+            "(CPU only, slower)."
+        ) from None
+    if frame is None:
+        raise RuntimeError("the env returned no frame; it does not support render_mode='rgb_array'")
+    return np.asarray(frame)
+
+
+def _write_video(frames, path: str) -> str:
+    import imageio.v2 as imageio
+
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".gif":
+        imageio.mimsave(out, frames, duration=1 / 30)
+    else:
+        try:
+            imageio.mimsave(out, frames, fps=30)
+        except Exception as err:  # noqa: BLE001
+            raise RuntimeError(
+                f"writing {out} failed ({err}); mp4 needs ffmpeg: pip install imageio-ffmpeg "
+                "(or `pip install -e .[render]`), or write a .gif"
+            ) from None
+    return str(out)
