@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 # torch is pinned in exactly one place; override e.g. `make install TORCH_SPEC='torch==2.6.0'`.
 TORCH_SPEC ?= torch==2.13.0
+# Optional index for the torch wheel only, e.g. https://download.pytorch.org/whl/cpu
+# on CPU-only cluster nodes (PyPI's Linux torch is a multi-GB CUDA build).
+TORCH_INDEX_URL ?=
 SAFETY_GYMNASIUM_SPEC ?= safety-gymnasium==1.0.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -25,7 +28,7 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required, found " + sys.version.split()[0]'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q '$(TORCH_SPEC)'
+	$(PIP) install -q $(if $(strip $(TORCH_INDEX_URL)),--index-url $(TORCH_INDEX_URL)) '$(TORCH_SPEC)'
 	$(PIP) install -q -e '.[test]' '$(TORCH_SPEC)'
 	$(PIP) install -q --no-deps '$(SAFETY_GYMNASIUM_SPEC)'
 	$(PY) -c 'import importlib.util as u, cvpo, rllib_ext, cvxpy, ray, torch; assert u.find_spec("safety_gymnasium"); print("installed: ray", ray.__version__, "torch", torch.__version__, "cvxpy", cvxpy.__version__)'
