@@ -35,6 +35,10 @@ class CLIError(Exception):
     """A user error: printed as one clear message, exit status 2."""
 
 
+from rllib_ext.evaluate import CheckpointError  # noqa: E402
+from rllib_ext.report import ReportError  # noqa: E402
+
+
 # -- parsing ------------------------------------------------------------------------------
 def _json_arg(text: str, flag: str) -> Dict[str, Any]:
     try:
@@ -451,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     try:
         return handlers[args.command](args)
-    except CLIError as err:
+    except (CLIError, CheckpointError, ReportError) as err:
         print(f"rllib {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

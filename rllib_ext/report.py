@@ -23,6 +23,10 @@ COST_COL = f"env_runners/{M.EPISODE_COST_MEAN}"
 VIOLATION_COL = f"env_runners/{M.COST_VIOLATION_RATE}"
 
 
+class ReportError(ValueError):
+    """An experiment folder that cannot be reported on."""
+
+
 def _float(x: Any) -> float:
     try:
         return float(x)
@@ -34,7 +38,7 @@ def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
     """One record per trial with its params and per-iteration curves."""
     root = Path(experiment_dir).expanduser()
     if not root.is_dir():
-        raise ValueError(f"experiment folder {root} does not exist")
+        raise ReportError(f"experiment folder {root} does not exist")
     trials = []
     for params_file in sorted(root.glob("*/params.json")):
         trial_dir = params_file.parent
@@ -65,7 +69,7 @@ def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
             }
         )
     if not trials:
-        raise ValueError(f"{root} holds no Tune trials (no */params.json)")
+        raise ReportError(f"{root} holds no Tune trials (no */params.json)")
     return trials
 
 
@@ -164,7 +168,7 @@ def write_report(experiment_dir: str | Path, out_dir: Optional[str | Path] = Non
     trials = read_trials(experiment_dir)
     rows = summarize(trials, last_n)
     if not rows:
-        raise ValueError(f"{experiment_dir}: no trial has reported an iteration yet")
+        raise ReportError(f"{experiment_dir}: no trial has reported an iteration yet")
     out = Path(out_dir or experiment_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out / "report.csv", out / "report.md", out / "report.png"
