@@ -138,8 +138,8 @@ class CVPOTorchLearner(TorchLearner):
         module = self.module[module_id].unwrapped()
         if not hasattr(module, "_action_low"):
             space = module.action_space
-            module._action_low = torch.as_tensor(space.low, device=self._device)
-            module._action_high = torch.as_tensor(space.high, device=self._device)
+            module._action_low = torch.as_tensor(space.low, dtype=torch.float32, device=self._device)
+            module._action_high = torch.as_tensor(space.high, dtype=torch.float32, device=self._device)
         obs = batch["obs"].reshape(batch["obs"].shape[0], -1).float()  # (B, o)
         actions = batch["actions"].float()  # (B, d)
         next_obs = batch["next_obs"].reshape(obs.shape[0], -1).float()  # (B, o)
