@@ -130,8 +130,6 @@ def evaluate_checkpoint(
     render: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Rolls out the checkpoint's policy; returns means and the violation rate."""
-    from cvpo.envs import make_env
-
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     ckpt = resolve_checkpoint_dir(checkpoint)
@@ -143,9 +141,8 @@ def evaluate_checkpoint(
     keys = list(getattr(config, "cost_keys", None) or ["cost"])
     if cost_limit is None:
         limits = getattr(config, "cost_limits", None)
-        cost_limit = float(sum(limits)) if limits and len(limits) == 1 else (
-            None if not limits else float(limits[0])
-        )
+        # episode cost is summed over the cost keys, so is the limit
+        cost_limit = float(sum(limits)) if limits else None
     module = load_module(ckpt)
     act = _policy(module, explore)
     frames = []
@@ -155,33 +152,9 @@ def evaluate_checkpoint(
             raise ValueError(f"--render must end in .mp4 or .gif, got {render!r}")
         _check_render_backend()
         env_config["render_mode"] = "rgb_array"
-    env = make_env(env_id, **env_config)
-    low, high = env.action_space.low, env.action_space.high
-    returns, costs, lengths = [], [], []
-    steps_total = 0
-    try:
-        for ep in range(episodes):
-            obs, _ = env.reset(seed=seed + ep)
-            ret, cost, n, done = 0.0, 0.0, 0, False
-            while not done:
-                action = np.clip(act(obs), low, high)
-                obs, r, term, trunc, info = env.step(action)
-                ret += float(r)
-                cost += float(sum(info.get(k, 0.0) for k in keys))
-                n += 1
-                done = term or trunc
-                if render and ep == 0:
-                    frames.append(_render_frame(env))
-                steps_total += 1
-                if max_steps is not None and steps_total >= max_steps:
-                    done = True
-            returns.append(ret)
-            costs.append(cost)
-            lengths.append(n)
-            if max_steps is not None and steps_total >= max_steps:
-                break
-    finally:
-        env.close()
+    stats = rollout(act, env_id, env_config, keys, episodes=episodes, seed=seed,
+                    max_steps=max_steps, frames=frames if render else None)
+    returns, costs, lengths = stats["returns"], stats["costs"], stats["lengths"]
     result: Dict[str, Any] = {
         "checkpoint": str(ckpt),
         "algorithm": algo_cls.__name__,
@@ -200,6 +173,56 @@ def evaluate_checkpoint(
     if render:
         result["video"] = _write_video(frames, render)
     return result
+
+
+def rollout(
+    act,
+    env_id: str,
+    env_config: Dict[str, Any],
+    cost_keys=("cost",),
+    *,
+    episodes: int = 10,
+    seed: int = 0,
+    max_steps: Optional[int] = None,
+    frames: Optional[list] = None,
+) -> Dict[str, list]:
+    """Runs ``act(obs) -> action`` for some episodes; per-episode return, cost, length.
+
+    Actions are clipped to the action bounds, as the EnvRunners do. With
+    ``frames`` (a list), the first episode's rendered frames are appended to it.
+    """
+    from cvpo.envs import make_env
+
+    env = make_env(env_id, **env_config)
+    low, high = env.action_space.low, env.action_space.high
+    returns, costs, lengths = [], [], []
+    steps_total = 0
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            ret, cost, n, done = 0.0, 0.0, 0, False
+            while not done:
+                obs, r, term, trunc, info = env.step(np.clip(act(obs), low, high))
+                ret += float(r)
+                cost += float(sum(info.get(k, 0.0) for k in cost_keys))
+                n += 1
+                steps_total += 1
+                done = term or trunc or (max_steps is not None and steps_total >= max_steps)
+                if frames is not None and ep == 0:
+                    frames.append(_render_frame(env))
+            returns.append(ret)
+            costs.append(cost)
+            lengths.append(n)
+            if max_steps is not None and steps_total >= max_steps:
+                break
+    finally:
+        env.close()
+    return {"returns": returns, "costs": costs, "lengths": lengths}
+
+
+def module_policy(module, explore: bool = False):
+    """``act(obs) -> action`` from an RLModule (deterministic unless ``explore``)."""
+    return _policy(module, explore)
 
 
 def _render_frame(env) -> np.ndarray:

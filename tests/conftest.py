@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray per test session, with tests/ importable by workers."""
+"""Shared fixtures: a local Ray with tests/ importable by its workers."""
 
 import os
 
@@ -7,19 +7,37 @@ import pytest
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A local 2-CPU Ray whose workers can import test-only modules from tests/."""
+def start_local_ray(num_cpus: int = 2):
+    """Starts a local Ray whose workers can import test-only modules from tests/."""
     import ray
 
-    if ray.is_initialized():
-        ray.shutdown()
     path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
-        num_cpus=2,
+        num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
     )
+    return ray
+
+
+@pytest.fixture
+def ray_local():
+    """A local 2-CPU Ray, started on first use and kept for later tests.
+
+    Tests that need their own cluster (ray.cluster_utils.Cluster) shut Ray down;
+    the next test using this fixture starts a fresh local one.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray()
     yield ray
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
