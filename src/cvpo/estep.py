@@ -13,14 +13,19 @@ and the optimal variational distribution is, per state,
     q_ij = softmax_j(A_ij / eta)                                           # (B, K)
 
 Derivatives used by the Newton solver (derived in ``_DualProblem``): with
-F = (log q, Qc^1, ..., Qc^m) stacked per (i, j),
+F_ij = (A_ij / eta, Qc^1_ij, ..., Qc^m_ij),
 
     dg/deta      = epsilon - (1/B) sum_i KL(q_i || uniform)
     dg/dlambda_k = eps_k   - (1/B) sum_i E_{q_i}[Qc^k]
     Hessian      = (1/eta) * (1/B) sum_i Cov_{q_i}(F)                      # (1+m, 1+m)
 
+so the optimality conditions are the ones in cvpo.md: mean KL = epsilon where
+eta is interior, mean E_q[Qc^k] = eps_k where 0 < lambda_k < lambda_max.
+
 Two solvers minimize the same program (same bounds): ``"newton"``, an exact
-projected Newton method in float64 on the tensors' device, and ``"cvxpy"``,
+projected Newton method in float64 on the tensors' device (``_solve_newton``:
+Newton steps on the coordinates not held at a bound, projection onto the box,
+Armijo backtracking, eta changing by at most 10x per step), and ``"cvxpy"``,
 the DPP-parametrized exponential-cone model, cached per (B, K, m).
 
 A constraint with threshold ``inf`` is inactive: its lambda is fixed at 0 and it
@@ -29,10 +34,11 @@ does not enter either program.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +49,9 @@ __all__ = [
     "DEFAULT_ETA_MIN",
     "DEFAULT_LAMBDA_MAX",
     "DEFAULT_MAX_ITER",
+    "CVXPY_DPP_MAX_PAIRS",
     "DEFAULT_TOL",
+    "FALLBACK_PREFIX",
     "SOLVERS",
     "STATUS_CONVERGED",
     "STATUS_INFEASIBLE",
@@ -82,6 +90,8 @@ DEFAULT_CVXPY_SOLVER = "CLARABEL"
 _ARMIJO = 1e-4
 _ETA_STEP_RATIO = 10.0
 _MIN_STEP = 1e-12
+# Largest B*K solved through cvxpy's DPP parameter map by default (see solve_dual).
+CVXPY_DPP_MAX_PAIRS = 8192
 # A cvxpy lambda this close to lambda_max (relative) counts as at the cap.
 _CAP_RTOL = 1e-5
 
@@ -109,7 +119,8 @@ class EStepResult:
         infeasible_constraints: indices k whose lambda is at ``lambda_max``.
         backend_status: the raw status of the backend (cvxpy's ``problem.status``
             or an exception name; for Newton the same as ``status``).
-        message: human-readable details (why a fallback happened), else "".
+        message: human-readable details (why a fallback happened, or that
+            cvxpy compiled without DPP), else "".
     """
 
     eta: torch.Tensor
@@ -303,7 +314,7 @@ class _DualProblem:
         n = 2 + m
         # (1/B) sum_i Cov_{q_i}(F), restricted to (log Kq, Qc~): Q~ only enters g
         cov = (host[n : n + n * n] - host[n + n * n :]).reshape(n, n)
-        hessian = cov[np.ix_(self.hessian_index, self.hessian_index)] / eta
+        hessian = cov[self.hessian_index[:, None], self.hessian_index] / eta
         kl = mean_f[0]  # (1/B) sum_i KL(q_i || uniform)
         expected_costs = mean_f[2:] + self.cost_offsets  # (m,) (1/B) sum_i E_q[Qc^k]
         eta_log_partition = mean_f[1] - float(lambdas @ mean_f[2:]) - eta * kl
@@ -338,16 +349,18 @@ def _newton_direction(gradient: np.ndarray, hessian: np.ndarray, free: np.ndarra
     linear along it, so its step goes straight to the bound the gradient points at.
     """
     direction = np.zeros_like(gradient)
-    diag = np.diag(hessian)
+    diag = hessian.diagonal()
     curved = free & (diag > 0)
-    flat = free & ~curved
-    direction[flat] = np.where(gradient[flat] > 0, x[flat] - lower[flat], x[flat] - upper[flat])
-    direction[~np.isfinite(direction)] = 0.0  # no finite bound in the descent direction
-    if curved.any():
-        idx = np.flatnonzero(curved)
+    if not curved.all():
+        flat = free & ~curved
+        direction[flat] = np.where(gradient[flat] > 0, x[flat] - lower[flat],
+                                   x[flat] - upper[flat])
+        direction[~np.isfinite(direction)] = 0.0  # no finite bound in the descent direction
+    idx = np.flatnonzero(curved)
+    if idx.size:
         scale = 1.0 / np.sqrt(diag[idx])
-        scaled = hessian[np.ix_(idx, idx)] * scale[:, None] * scale[None, :]
-        scaled[np.diag_indices_from(scaled)] += 1e-12
+        scaled = hessian[idx[:, None], idx] * np.outer(scale, scale)
+        scaled.flat[:: idx.size + 1] += 1e-12
         direction[idx] = scale * np.linalg.solve(scaled, scale * gradient[idx])
     return direction
 
@@ -360,7 +373,7 @@ def _solve_newton(
     max_iter: int,
     tol: float,
 ) -> tuple[_Evaluation, int, str]:
-    """Projected Newton (Bertsekas 1982) with an Armijo search along the projection arc.
+    """Projected Newton (after Bertsekas 1982) with an Armijo search along the projection arc.
 
     Returns the final evaluation, the number of Newton steps and
     STATUS_CONVERGED or STATUS_MAX_ITER.
@@ -426,6 +439,20 @@ def _as_host_vector(value: Any, name: str) -> np.ndarray:
 
 def _count_non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum().item())
+
+
+@contextlib.contextmanager
+def _intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (process-wide)."""
+    if threads is None or threads == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_inputs(
@@ -529,6 +556,7 @@ def _solve_cvxpy(
     lambda_max: float,
     cvxpy_solver: str,
     solver_options: dict[str, Any],
+    dpp: bool | None,
 ) -> tuple[np.ndarray | None, int, str, str]:
     """Solve with cvxpy; returns (x or None on failure, iterations, backend status, message)."""
     import cvxpy as cp
@@ -547,21 +575,25 @@ def _solve_cvxpy(
     model.eta_min.value = eta_min
     model.lambda_max.value = lambda_max
     model.solves += 1
+    pairs = problem.B * problem.K
+    if dpp is None:
+        dpp = pairs <= CVXPY_DPP_MAX_PAIRS
+    note = "" if dpp else f"compiled without DPP (B*K = {pairs}); "
     try:
-        model.problem.solve(solver=cvxpy_solver, **solver_options)
+        model.problem.solve(**{"solver": cvxpy_solver, "ignore_dpp": not dpp, **solver_options})
     except (cp.error.SolverError, ArithmeticError, ValueError) as err:
-        return None, 0, type(err).__name__, f"cvxpy/{cvxpy_solver} raised {err!r}"
+        return None, 0, type(err).__name__, f"{note}cvxpy/{cvxpy_solver} raised {err!r}"
     status = str(model.problem.status)
     stats = model.problem.solver_stats
     iterations = int(stats.num_iters) if stats is not None and stats.num_iters is not None else 0
     if status != cp.OPTIMAL or model.eta.value is None:
-        return None, iterations, status, f"cvxpy/{cvxpy_solver} returned status {status!r}"
+        return None, iterations, status, f"{note}cvxpy/{cvxpy_solver} returned status {status!r}"
     lambdas = np.zeros(0) if problem.m == 0 else np.asarray(model.lambdas.value, dtype=np.float64)
     # The interior-point solution may sit a hair outside the box; within
     # _CAP_RTOL of lambda_max it counts as at the cap.
     lambdas = np.where(lambdas >= lambda_max * (1.0 - _CAP_RTOL), lambda_max, lambdas)
     x = np.concatenate([[float(model.eta.value)], lambdas])
-    return x, iterations, status, ""
+    return x, iterations, status, note.rstrip("; ")
 
 
 def solve_dual(
@@ -578,6 +610,8 @@ def solve_dual(
     tol: float = DEFAULT_TOL,
     cvxpy_solver: str = DEFAULT_CVXPY_SOLVER,
     cvxpy_options: dict[str, Any] | None = None,
+    cvxpy_dpp: bool | None = None,
+    cpu_threads: int | None = 1,
 ) -> EStepResult:
     """Solve the E-step dual: minimize g(eta, lambda) and return q = softmax(A / eta).
 
@@ -601,6 +635,19 @@ def solve_dual(
             ``tol`` times the objective's scale.
         cvxpy_solver: cvxpy solver name (default Clarabel).
         cvxpy_options: extra keyword arguments for ``cp.Problem.solve``.
+        cvxpy_dpp: solve the cached model through its DPP parameter map (True),
+            or substitute the data and compile it afresh on every solve
+            (False, ``ignore_dpp``). None: DPP up to ``CVXPY_DPP_MAX_PAIRS``
+            state-action pairs. cvxpy's DPP map for this model grows
+            quadratically in B*K (measured: 0.9 GB at B*K = 4096, 2.5 GB at
+            8192, killed for lack of memory at 32768 with 23 GB) and is no
+            faster than recompiling beyond ~16k pairs.
+        cpu_threads: torch intra-op threads while solving on CPU (restored
+            afterwards; None keeps the process setting). The solver's tensor
+            ops are small and latency-bound, so threads only add OpenMP
+            barriers; when other processes (e.g. env runners) load the cores,
+            each barrier can wait a scheduler slice (measured on 2 busy cores,
+            B=256, K=32: 250 ms per Newton solve with 2 threads, 3 ms with 1).
 
     Returns:
         An ``EStepResult``.
@@ -622,10 +669,14 @@ def solve_dual(
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol!r}")
+    if cpu_threads is not None and (
+        isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
+    ):
+        raise ValueError(f"cpu_threads must be None or an integer >= 1, got {cpu_threads!r}")
     q, qc, kl_bound, thresholds = _check_inputs(q, qc, kl_bound, thresholds)
     m = qc.shape[0]
 
-    with torch.no_grad():
+    with torch.no_grad(), _intra_op_threads(cpu_threads if q.device.type == "cpu" else None):
         active = np.flatnonzero(np.isfinite(thresholds))  # constraints that enter the program
         qc_active = qc if len(active) == m else qc[torch.as_tensor(active, device=qc.device)]
         problem = _DualProblem(
@@ -639,7 +690,7 @@ def solve_dual(
         final = None
         if solver == "cvxpy":
             x, iterations, backend_status, message = _solve_cvxpy(
-                problem, eta_min, lambda_max, cvxpy_solver, dict(cvxpy_options or {})
+                problem, eta_min, lambda_max, cvxpy_solver, dict(cvxpy_options or {}), cvxpy_dpp
             )
             if x is not None:
                 x = np.clip(x, lower, upper)

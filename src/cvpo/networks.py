@@ -10,6 +10,7 @@ instead of once per (state, action) pair.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -232,14 +233,15 @@ class CriticEnsemble(nn.Module):
                 "act must have obs's leading dims, or one more (K actions per state); "
                 f"got obs {tuple(obs.shape)} and act {tuple(act.shape)}"
             )
-        M, n_states = self.num_members, obs[..., 0].numel()
-        obs_flat = obs.reshape(1, n_states, self.obs_dim).expand(M, -1, -1)  # (M, S, obs_dim)
-        act_flat = act.reshape(1, n_states * per_state, self.act_dim).expand(M, -1, -1)
+        M, S = self.num_members, math.prod(obs.shape[:-1])  # S states, N = S*K pairs
+        obs_flat = obs.reshape(1, S, self.obs_dim).expand(M, -1, -1)  # (M, S, obs_dim)
+        act_flat = act.reshape(1, S * per_state, self.act_dim).expand(M, -1, -1)  # (M, N, act_dim)
 
+        # first layer: [obs, act] @ W0 + b0 = (obs @ W0_obs + b0) + act @ W0_act
         w0, b0 = self.weights[0], self.biases[0]
         obs_part = torch.baddbmm(b0.unsqueeze(1), obs_flat, w0[:, : self.obs_dim])  # (M, S, h)
-        h = torch.bmm(act_flat, w0[:, self.obs_dim :])  # (M, S*K, h)
-        h.view(M, n_states, per_state, -1).add_(obs_part.unsqueeze(2))  # broadcast over K
+        h = torch.bmm(act_flat, w0[:, self.obs_dim :])  # (M, N, h)
+        h.view(M, S, per_state, -1).add_(obs_part.unsqueeze(2))  # broadcast over the K actions
         h = self.activation(h)
         last = len(self.weights) - 1
         for i in range(1, last + 1):
@@ -259,7 +261,7 @@ def polyak_update(target: nn.Module, source: nn.Module, tau: float) -> None:
         source: the online module with the same architecture.
         tau: averaging rate in [0, 1] (1 copies the source).
     """
-    if not (isinstance(tau, int | float) and 0.0 <= tau <= 1.0):
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must be a number in [0, 1], got {tau!r}")
     target_params, source_params = list(target.parameters()), list(source.parameters())
     target_buffers, source_buffers = list(target.buffers()), list(source.buffers())

@@ -65,6 +65,29 @@ Further breakage found while building this layer (not in the design note):
 8. ``Builder.step`` does ``np.array(action, copy=False)``, which numpy 2
    rejects for anything that needs a copy (a list, a tuple). The adapter in
    :mod:`cvpo.envs._wrappers` passes an ndarray of the action space's dtype.
+
+Rendering (details in :mod:`cvpo.envs._render`):
+
+9. ``render_mode="rgb_array"``: ``OffScreenViewer.__init__() missing 2
+   required positional arguments: 'width' and 'height'``. Upstream calls
+   gymnasium 0.28's ``OffScreenViewer(model, data)``; gymnasium 1.x wants the
+   size. ``safety_gymnasium.bases.underlying.OffScreenViewer`` (that module's
+   global only) is replaced by a subclass of gymnasium's viewer that takes the
+   size from ``model.vis.global_.offwidth/offheight``, as 0.28 did (upstream
+   sets them right before asking for the viewer).
+
+10. ``MUJOCO_GL=osmesa`` (or ``egl``) without that library makes ``import
+    mujoco`` itself fail (PyOpenGL raises ``AttributeError ... glGetError``,
+    which mujoco does not catch), breaking every task even without rendering.
+    Before importing safety_gymnasium we import mujoco ourselves
+    (:func:`cvpo.envs._render.import_mujoco`): when the backend's libraries
+    cannot be loaded, with ``MUJOCO_GL=disable`` for that import only.
+    ``MUJOCO_GL`` keeps its value; rendering then fails with a clear error.
+
+11. No usable offscreen GL backend: detected before an env renders
+    (:func:`cvpo.envs._render.ensure_offscreen_backend`, called by the adapter
+    in :mod:`cvpo.envs._wrappers` for ``rgb_array``/``depth_array`` envs and by
+    the viewer of 9), which raises a ``RuntimeError`` saying how to get one.
 """
 
 from __future__ import annotations
@@ -81,7 +104,7 @@ from typing import Any
 
 import numpy as np
 
-from cvpo.envs import _textures
+from cvpo.envs import _render, _textures
 from cvpo.envs._errors import SAFETY_GYMNASIUM_INSTALL_HINT, SafetyGymnasiumImportError
 
 _lock = threading.RLock()
@@ -370,6 +393,7 @@ def import_safety_gymnasium() -> types.ModuleType:
         try:
             aliases = _install_aliases()
             _install_multi_agent_stub()
+            _render.import_mujoco()  # breakage 10
             dataclasses.dataclass = _make_dataclass_wrapper(original_dataclass)
             module = importlib.import_module("safety_gymnasium")
             # The package __init__ does not import the task classes (gymnasium
@@ -380,6 +404,7 @@ def import_safety_gymnasium() -> types.ModuleType:
                 importlib.import_module(name)
             base_agent = importlib.import_module("safety_gymnasium.bases.base_agent")
             world = importlib.import_module("safety_gymnasium.world")
+            underlying = importlib.import_module("safety_gymnasium.bases.underlying")
         except ImportError as exc:
             raise SafetyGymnasiumImportError(
                 f"safety-gymnasium is installed but could not be imported: {exc!r}. "
@@ -395,5 +420,6 @@ def import_safety_gymnasium() -> types.ModuleType:
             _remove_aliases(aliases)
         _patch_base_agent(base_agent)
         _patch_world(world)
+        _render.patch_underlying(underlying)  # breakage 9
         _safety_module = module
         return module

@@ -14,6 +14,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
+from cvpo.envs import _render
 from cvpo.envs._errors import NoCostSignalError, NonFiniteSignalError
 
 ON_NONFINITE_MODES = ("raise", "drop")
@@ -118,11 +119,30 @@ class SafetyGymnasiumAdapter(_CostSignalWrapper):
     Observations become float32. The action is passed on as an ndarray of the
     action space's dtype (``Builder.step`` uses ``np.array(a, copy=False)``,
     which numpy 2 rejects for lists).
+
+    With an offscreen ``render_mode`` (``rgb_array``, ``depth_array``) the
+    MuJoCo GL backend is checked here, before anything renders
+    (:func:`cvpo.envs._render.ensure_offscreen_backend`; raises
+    :class:`~cvpo.envs._render.NoOffscreenBackendError`, a ``RuntimeError``).
+    ``close()`` frees the task's GL contexts (upstream's ``Builder`` has no
+    ``close``).
     """
 
     def __init__(self, env: gymnasium.Env, env_id: str, on_nonfinite: str = "raise") -> None:
+        if getattr(env, "render_mode", None) in _render.OFFSCREEN_RENDER_MODES:
+            try:
+                _render.ensure_offscreen_backend()
+            except BaseException:
+                env.close()
+                raise
         super().__init__(env, env_id, on_nonfinite)
         self._action_dtype = getattr(env.action_space, "dtype", None)
+
+    def close(self) -> None:
+        try:
+            _render.close_task_viewers(self.env)
+        finally:
+            super().close()
 
     def step(self, action: Any):
         obs, reward, cost, terminated, truncated, info = self.env.step(

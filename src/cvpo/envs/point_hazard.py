@@ -41,6 +41,15 @@ bonuses; the progress term is path-independent).
 It runs at ~300,000 random-action steps/s through ``cvpo.envs.make_env`` on
 one core of the 2-core dev machine (``benchmarks/env_speed.py``); the
 requirement is >= 20,000.
+
+Rendering: ``make_env("cvpo/PointHazard-v0", render_mode="rgb_array")`` (and
+optionally ``render_width`` / ``render_height``, default 256) makes
+``render()`` return an ``(H, W, 3)`` uint8 top-down view of the arena, drawn
+in numpy (no OpenGL, works on any machine): light floor, grey border, the
+hazard disc (:data:`HAZARD_RGB`), the goal disc (:data:`GOAL_RGB`) and the
+point (:data:`POINT_RGB`, or :data:`POINT_COST_RGB` while inside the hazard).
+Rendering reads the state only; it never changes dynamics, rewards, costs,
+observations or random numbers.
 """
 
 from __future__ import annotations
@@ -70,14 +79,40 @@ _OBS_HIGH = np.array(
 )
 
 
+# Rendering (see the module docstring); colours are RGB uint8 triples.
+RENDER_SIZE = 256
+FLOOR_RGB = (236, 236, 230)
+BORDER_RGB = (90, 90, 90)
+HAZARD_RGB = (80, 110, 230)
+GOAL_RGB = (60, 180, 75)
+POINT_RGB = (220, 40, 40)
+POINT_COST_RGB = (255, 160, 0)
+POINT_RADIUS = 0.06  # drawn size only; the point has no extent in the dynamics
+_BORDER_PX = 2
+
+
 class PointHazardEnv(gymnasium.Env):
     """See the module docstring. Use ``cvpo.envs.make_env("cvpo/PointHazard-v0")``."""
 
-    metadata = {"render_modes": []}
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
 
-    def __init__(self, render_mode: str | None = None) -> None:
-        if render_mode is not None:
-            raise ValueError("PointHazard-v0 does not render")
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        render_width: int = RENDER_SIZE,
+        render_height: int = RENDER_SIZE,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(
+                f"PointHazard-v0 supports render_mode='rgb_array' (or None), got {render_mode!r}"
+            )
+        if int(render_width) < 16 or int(render_height) < 16:
+            raise ValueError(
+                f"render_width and render_height must be >= 16, got {render_width}x{render_height}"
+            )
+        self.render_mode = render_mode
+        self._render_size = (int(render_height), int(render_width))
+        self._background: np.ndarray | None = None
         self.observation_space = spaces.Box(low=-_OBS_HIGH, high=_OBS_HIGH, dtype=np.float32)
         self.action_space = spaces.Box(low=-1.0, high=1.0, shape=(2,), dtype=np.float32)
         self._x, self._y = START
@@ -147,6 +182,64 @@ class PointHazardEnv(gymnasium.Env):
         cost = 1.0 if hx * hx + hy * hy < HAZARD_RADIUS * HAZARD_RADIUS else 0.0
         info = {"cost": cost, "cost_hazard": cost, "goal_reached": reached}
         return self._obs(), reward, False, False, info
+
+    # ----------------------------------------------------------------------
+    # rendering (numpy only)
+    # ----------------------------------------------------------------------
+
+    def _pixel_centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """World x of each pixel column and world y of each pixel row (y up)."""
+        height, width = self._render_size
+        span = 2.0 * ARENA_HALF_WIDTH
+        xs = -ARENA_HALF_WIDTH + (np.arange(width) + 0.5) * (span / width)
+        ys = ARENA_HALF_WIDTH - (np.arange(height) + 0.5) * (span / height)
+        return xs, ys
+
+    def _draw_background(self) -> np.ndarray:
+        height, width = self._render_size
+        xs, ys = self._pixel_centres()
+        image = np.empty((height, width, 3), dtype=np.uint8)
+        image[:] = FLOOR_RGB
+        for (cx, cy), radius, colour in (
+            (HAZARD_CENTER, HAZARD_RADIUS, HAZARD_RGB),
+            (GOAL, GOAL_RADIUS, GOAL_RGB),
+        ):
+            inside = (xs[None, :] - cx) ** 2 + (ys[:, None] - cy) ** 2 < radius * radius
+            image[inside] = colour
+        image[:_BORDER_PX] = BORDER_RGB
+        image[-_BORDER_PX:] = BORDER_RGB
+        image[:, :_BORDER_PX] = BORDER_RGB
+        image[:, -_BORDER_PX:] = BORDER_RGB
+        return image
+
+    def render(self) -> np.ndarray | None:
+        """The current frame, ``(H, W, 3)`` uint8, with ``render_mode="rgb_array"``."""
+        if self.render_mode is None:
+            gymnasium.logger.warn(
+                "PointHazard-v0: render() called without a render mode; "
+                "make the env with render_mode='rgb_array'"
+            )
+            return None
+        if self._background is None:
+            self._background = self._draw_background()
+        frame = self._background.copy()
+        height, width = self._render_size
+        span = 2.0 * ARENA_HALF_WIDTH
+        x, y = self._x, self._y
+        # Only the pixels around the point.
+        col0 = max(0, int((x - POINT_RADIUS + ARENA_HALF_WIDTH) / span * width))
+        col1 = min(width, int((x + POINT_RADIUS + ARENA_HALF_WIDTH) / span * width) + 2)
+        row0 = max(0, int((ARENA_HALF_WIDTH - y - POINT_RADIUS) / span * height))
+        row1 = min(height, int((ARENA_HALF_WIDTH - y + POINT_RADIUS) / span * height) + 2)
+        if col0 < col1 and row0 < row1:
+            xs, ys = self._pixel_centres()
+            inside = (xs[None, col0:col1] - x) ** 2 + (ys[row0:row1, None] - y) ** 2 < (
+                POINT_RADIUS * POINT_RADIUS
+            )
+            hx, hy = x - HAZARD_CENTER[0], y - HAZARD_CENTER[1]
+            in_hazard = hx * hx + hy * hy < HAZARD_RADIUS * HAZARD_RADIUS
+            frame[row0:row1, col0:col1][inside] = POINT_COST_RGB if in_hazard else POINT_RGB
+        return frame
 
 
 # --------------------------------------------------------------------------
