@@ -166,7 +166,6 @@ def check_env(env: Optional[str], env_config: Dict[str, Any]) -> None:
     if not env:
         raise CLIError("no env given: pass --env SafetyPointGoal1-v0 (or cvpo/PointHazard-v0)")
     from cvpo import envs as cvpo_envs
-
     from rllib_ext.envs import probe_env
 
     try:
@@ -404,18 +403,10 @@ def cmd_train_file(args) -> int:
 
 # -- evaluate --------------------------------------------------------------------------------
 def cmd_evaluate(args) -> int:
-    from rllib_ext.evaluate import evaluate_checkpoint
-
-    res = evaluate_checkpoint(
-        args.checkpoint,
-        env_id=args.env,
-        episodes=args.episodes,
-        max_steps=args.steps,
-        explore=args.explore,
-        cost_limit=args.cost_limit,
-        seed=args.seed,
-        render=args.render,
-    )
+    try:
+        res = _evaluate(args)
+    except RuntimeError as err:  # rendering: no offscreen GL backend, no ffmpeg
+        raise CLIError(str(err)) from None
     print(
         f"{res['episodes']} episodes on {res['env']}: mean reward {res['reward_mean']:.3f} "
         f"(std {res['reward_std']:.3f}), mean cost {res['cost_mean']:.3f} "
@@ -426,6 +417,21 @@ def cmd_evaluate(args) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0
+
+
+def _evaluate(args):
+    from rllib_ext.evaluate import evaluate_checkpoint
+
+    return evaluate_checkpoint(
+        args.checkpoint,
+        env_id=args.env,
+        episodes=args.episodes,
+        max_steps=args.steps,
+        explore=args.explore,
+        cost_limit=args.cost_limit,
+        seed=args.seed,
+        render=args.render,
+    )
 
 
 def cmd_report(args) -> int:

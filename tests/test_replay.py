@@ -18,7 +18,7 @@ def _episode(T, m=2, seed=0):
 def _chunks(obs, act, rew, cost, cuts, terminated, eid="e"):
     out, start = [], 0
     T = len(act)
-    for i, end in enumerate(list(cuts) + [T]):
+    for _i, end in enumerate(list(cuts) + [T]):
         last = end == T
         out.append(
             EpisodeChunk(

@@ -1,14 +1,25 @@
-"""CVPOConfig checks: every bad value gets a message naming the key and range."""
+"""CVPOConfig checks: every bad value gets a message naming the key and range.
+
+Also: the GPU fallback (``num_gpus_per_learner`` > 0 where no GPU can be had
+becomes 0, with a one-line notice) and :func:`check_algorithm_checkpoint`, the
+clear errors for a checkpoint that is missing, damaged, or another algorithm's.
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
-from typing import Any
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Optional
 
 import gymnasium as gym
 
 from rllib_ext.cvpo.cvpo import COST_REDUCTIONS, ESTEP_SOLVERS, REWARD_REDUCTIONS
+
+logger = logging.getLogger(__name__)
 
 
 class CVPOConfigError(ValueError):
@@ -25,13 +36,13 @@ def _is_real(x: Any) -> bool:
 
 def _positive(cfg, key: str, *, allow_zero: bool = False, integer: bool = False, upper=None):
     v = getattr(cfg, key)
-    ok = _is_real(v) and not math.isnan(v) and (v >= 0 if allow_zero else v > 0)
+    ok = _is_real(v) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
     if integer:
         ok = ok and float(v).is_integer()
     if upper is not None:
         ok = ok and v <= upper
     if not ok:
-        kind = "an integer" if integer else "a number"
+        kind = "an integer" if integer else "a finite number"
         rng = ">= 0" if allow_zero else "> 0"
         if upper is not None:
             rng += f" and <= {upper}"
@@ -90,6 +101,13 @@ def validate_cvpo_config(cfg) -> None:
     _positive(cfg, "training_intensity")
     _positive(cfg, "updates_per_learner_call", integer=True)
     _positive(cfg, "replay_capacity", integer=True)
+    if cfg.replay_capacity < cfg.train_batch_size_per_learner:
+        raise _bad(
+            "replay_capacity",
+            cfg.replay_capacity,
+            f"at least train_batch_size_per_learner={cfg.train_batch_size_per_learner} "
+            "(a smaller buffer never fills a minibatch, so learning would never start)",
+        )
     _positive(cfg, "num_steps_sampled_before_learning_starts", allow_zero=True, integer=True)
     if not (_is_real(cfg.std_min) and _is_real(cfg.std_max) and 0 < cfg.std_min < cfg.std_max):
         raise _bad("std_min/std_max", (cfg.std_min, cfg.std_max), "0 < std_min < std_max")
@@ -103,7 +121,62 @@ def validate_cvpo_config(cfg) -> None:
             raise _bad(key, h, "a non-empty list of positive layer sizes, e.g. [128, 128]")
     if cfg.episode_horizon is not None:
         _positive(cfg, "episode_horizon", integer=True)
+    _gpu_fallback(cfg)
     _probe_env(cfg)
+
+
+# -- GPU fallback ---------------------------------------------------------------------------
+def _gpu_reachable() -> tuple[bool, str]:
+    """(whether a learner GPU can be had, where we looked).
+
+    A GPU counts when torch sees one in this process, when the Ray cluster this
+    process is connected to has one, or when its autoscaler may add a node with
+    one (e.g. cluster/aws.yaml's gpu_learner type with min_workers: 0).
+    """
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True, "torch sees a GPU"
+    except ImportError:  # RLlib's framework check reports a missing torch
+        return True, "torch is not importable"
+    import ray
+
+    if not ray.is_initialized():
+        return False, "torch.cuda.is_available() is False on this machine"
+    try:
+        if ray.cluster_resources().get("GPU", 0) > 0:
+            return True, "the Ray cluster has a GPU"
+        from ray._private.state import state
+
+        max_resources = state.get_max_resources_from_cluster_config() or {}
+        if max_resources.get("GPU", 0) > 0:
+            return True, "the Ray autoscaler can add a GPU node"
+    except Exception:  # noqa: BLE001 (unknown: keep the user's request, Ray schedules it)
+        return True, "the cluster's resources are unknown"
+    return False, "neither this machine nor the connected Ray cluster has a GPU"
+
+
+def _gpu_fallback(cfg) -> None:
+    """``num_gpus_per_learner`` > 0 without any GPU -> 0, with a one-line notice.
+
+    RLlib itself does not check this: a local learner dies in
+    ``get_device`` with an AssertionError ("local_gpu_idx 0 is not a valid GPU
+    ID"), and under Tune the trial waits forever for a GPU bundle.
+    """
+    n = getattr(cfg, "num_gpus_per_learner", 0)
+    if not (_is_real(n) and n > 0):
+        return
+    ok, why = _gpu_reachable()
+    if ok:
+        return
+    logger.warning(
+        "CVPO: num_gpus_per_learner=%s but no GPU is available (%s); "
+        "falling back to num_gpus_per_learner=0: the learner runs on CPU.",
+        n,
+        why,
+    )
+    cfg.num_gpus_per_learner = 0
 
 
 def _probe_env(cfg) -> None:
@@ -115,7 +188,26 @@ def _probe_env(cfg) -> None:
             "CVPOConfig: no env set; call .environment('SafetyPointGoal1-v0') (or any id "
             "cvpo.envs.make_env accepts)."
         )
-    info = probe_env(cfg.env, dict(cfg.env_config or {}), cfg.constraint_names)
+    from cvpo import envs as cvpo_envs
+
+    env_config = dict(cfg.env_config or {})
+    try:
+        info = probe_env(cfg.env, env_config, cfg.constraint_names)
+    except (
+        cvpo_envs.UnknownEnvError,
+        cvpo_envs.UnsupportedEnvError,
+        cvpo_envs.NoCostSignalError,
+        cvpo_envs.NonFiniteSignalError,
+        ImportError,
+    ):
+        raise  # already one clear message naming the env
+    except Exception as err:  # noqa: BLE001 (the env's own constructor/reset/step failed)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CVPOConfigError(
+            f"CVPOConfig: env {cfg.env!r} could not be built and stepped with "
+            f"env_config={env_config!r}: {type(err).__name__}: {first}. Check the env_config "
+            "keys (they go to cvpo.envs.make_env and the env's constructor)."
+        ) from None
     if not isinstance(info.action_space, gym.spaces.Box):
         raise CVPOConfigError(
             f"CVPO needs a continuous (Box) action space; env {cfg.env!r} has "
@@ -132,3 +224,84 @@ def _probe_env(cfg) -> None:
                 "undefined; set CVPOConfig.training(episode_horizon=T)."
             )
         cfg.episode_horizon = int(info.horizon)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+CLASS_FILE = "class_and_ctor_args.pkl"
+
+
+def _pickle_complete(path: Path) -> bool:
+    """A pickle written in full ends with the STOP opcode (b'.'); a cut-off one does not."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - 1)
+            return f.read(1) == b"."
+    except OSError:
+        return False
+
+
+def check_algorithm_checkpoint(path: Any, expected_cls: Optional[type] = None) -> Optional[type]:
+    """Clear errors for a checkpoint that cannot be restored as ``expected_cls``.
+
+    Checks a local checkpoint folder (remote URIs are left to RLlib): it
+    exists, is an RLlib new-stack checkpoint, its pickles are complete, and
+    the algorithm stored in it is ``expected_cls`` (or a subclass). Returns the
+    stored algorithm class (None for a URI that was not checked).
+
+    Raises:
+        rllib_ext.evaluate.CheckpointError (a ValueError): one line naming the
+        path and what to do.
+    """
+    from rllib_ext.evaluate import CheckpointError
+
+    path = getattr(path, "path", path)  # a ray.tune.Checkpoint
+    text = os.fspath(path)
+    if "://" in text:
+        return None
+    p = Path(text).expanduser()
+    if not p.exists():
+        raise CheckpointError(
+            f"checkpoint path {p} does not exist; pass a checkpoint_XXXXXX folder written by "
+            "Algorithm.save() or `rllib train`"
+        )
+    if not (p / CLASS_FILE).is_file():
+        found = sorted(x for x in p.glob("checkpoint_*") if (x / CLASS_FILE).is_file())
+        hint = (
+            f"; it holds checkpoints, did you mean {found[-1]}?"
+            if found
+            else "; pass a checkpoint_XXXXXX folder written by Algorithm.save() or `rllib train`"
+        )
+        raise CheckpointError(f"{p} is not an RLlib checkpoint (no {CLASS_FILE}){hint}")
+    try:
+        with open(p / CLASS_FILE, "rb") as f:
+            stored = pickle.load(f)["class"]
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {p} was written by an algorithm that cannot be imported here "
+            f"({type(err).__name__}: {err}); install the package that defines it"
+        ) from None
+    except Exception as err:  # noqa: BLE001 (any other unpickling failure means damage)
+        raise CheckpointError(
+            f"checkpoint {p} is damaged ({CLASS_FILE}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); use an earlier checkpoint of the run"
+        ) from None
+    if expected_cls is not None and not (isinstance(stored, type) and issubclass(stored, expected_cls)):
+        name = getattr(stored, "__name__", repr(stored))
+        raise CheckpointError(
+            f"checkpoint {p} was written by {name}, not {expected_cls.__name__}; restore it with "
+            f"{name}.from_checkpoint(...) (or ray.rllib.algorithms.Algorithm.from_checkpoint), "
+            f"or pass a {expected_cls.__name__} checkpoint"
+        )
+    broken = [
+        str(f.relative_to(p)) for f in sorted(p.rglob("*.pkl")) if not _pickle_complete(f)
+    ]
+    if broken:
+        raise CheckpointError(
+            f"checkpoint {p} is damaged: {', '.join(broken)} "
+            f"{'is' if len(broken) == 1 else 'are'} cut off or empty; use an earlier checkpoint "
+            "of the run"
+        )
+    return stored

@@ -146,7 +146,7 @@ class CVPOTorchLearner(TorchLearner):
         rewards = batch["rewards"].float()  # (B,)
         costs = batch["costs"].float().reshape(obs.shape[0], -1)  # (B, m)
         discounts = batch["discounts"].float()  # (B,)
-        E, m = module.num_reward_critics, module.num_constraints
+        E, _m = module.num_reward_critics, module.num_constraints
 
         # ---- critics: n-step TD against the old policy and target critics
         with torch.no_grad():
