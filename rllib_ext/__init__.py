@@ -5,12 +5,22 @@ Importing this package registers the algorithm "CVPO" with Ray Tune (so
 id that :func:`cvpo.envs.make_env` accepts.
 """
 
+import ray
 from ray.tune.registry import register_trainable
 
 from rllib_ext.cvpo import CVPO, CVPOConfig
 from rllib_ext.envs import register_all
 
-register_trainable("CVPO", CVPO)
-register_all()
 
-__all__ = ["CVPO", "CVPOConfig"]
+def register() -> None:
+    """(Re-)registers "CVPO" and the env ids with Tune's registry."""
+    register_trainable("CVPO", CVPO)
+    register_all(force=True)
+
+
+register()
+# Tune writes registrations into the running Ray once; a later ray.init() in
+# the same process (tests, notebooks) starts without them, so register again.
+ray._private.worker._post_init_hooks.append(register)
+
+__all__ = ["CVPO", "CVPOConfig", "register"]

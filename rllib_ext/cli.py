@@ -182,7 +182,10 @@ def _init_ray(args) -> None:
     kwargs: Dict[str, Any] = {"log_to_driver": bool(getattr(args, "v", 0))}
     if args.ray_address:
         kwargs["address"] = args.ray_address
+    elif os.environ.get("RAY_ADDRESS"):
+        pass  # inside `ray job submit` / a cluster: join it
     else:
+        kwargs["address"] = "local"  # a fresh local Ray, even if another runs
         if args.ray_num_cpus is not None:
             kwargs["num_cpus"] = args.ray_num_cpus
         if args.ray_num_gpus is not None:
@@ -292,7 +295,9 @@ def _check_cvpo_config(param_space: Dict[str, Any]) -> None:
         msg = "; ".join(f"{k!r}" + (f" (did you mean {h}?)" if h else "") for k, h in hints.items())
         raise CLIError(f"unknown CVPO config key(s): {msg}")
     try:
-        CVPOConfig().update_from_dict(plain).validate()
+        check = CVPOConfig().update_from_dict(plain)
+        check.num_gpus_per_learner = 0  # GPUs are Tune's business once Ray runs
+        check.validate()
     except ValueError as err:
         raise CLIError(str(err).splitlines()[0]) from None
 
@@ -331,7 +336,8 @@ def run_experiments(experiments: Dict[str, Dict[str, Any]], args) -> int:
             num_to_keep=ckpt.get("num_to_keep", args.keep_checkpoints_num),
         )
         storage = args.storage_path or spec.get("storage_path") or os.path.expanduser("~/ray_results")
-        storage = os.path.abspath(os.path.expanduser(storage))
+        if "://" not in storage:  # s3://, gs:// stay as they are
+            storage = os.path.abspath(os.path.expanduser(storage))
         run_config = RunConfig(
             name=name,
             stop=stop,
@@ -350,7 +356,10 @@ def run_experiments(experiments: Dict[str, Dict[str, Any]], args) -> int:
                 algo_cls,
                 param_space=param_space,
                 run_config=run_config,
-                tune_config=TuneConfig(num_samples=num_samples),
+                tune_config=TuneConfig(
+                    num_samples=num_samples,
+                    max_concurrent_trials=spec.get("max_concurrent_trials"),
+                ),
             )
         results = tuner.fit()
         for res in results:

@@ -41,8 +41,14 @@ def ensure_registered(env_id: str) -> None:
     _REGISTERED.add(env_id)
 
 
-def register_all() -> int:
-    """Registers the tiny task and every Safety-Gymnasium id; returns the count."""
+def register_all(force: bool = False) -> int:
+    """Registers the tiny task and every Safety-Gymnasium id; returns the count.
+
+    ``force`` registers again ids registered before (Tune's registry forgets
+    them when Ray is shut down and started again in the same process).
+    """
+    if force:
+        _REGISTERED.clear()
     ids = [cvpo_envs.POINT_HAZARD_ID]
     try:
         ids += cvpo_envs.list_safety_gymnasium_ids()

@@ -13,6 +13,7 @@ def start_local_ray(num_cpus: int = 2):
 
     path = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
     ray.init(
+        address="local",
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=False,
