@@ -40,6 +40,7 @@ def train_and_evaluate(cost_limit: float) -> dict:
             cost_limit=cost_limit,
             gamma=0.95,
             num_sampled_actions=16,
+            num_target_actions=4,
             actor_hiddens=[64, 64],
             critic_hiddens=[64, 64],
             train_batch_size_per_learner=128,

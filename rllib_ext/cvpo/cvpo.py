@@ -74,7 +74,7 @@ class CVPOConfig(AlgorithmConfig):
         self.episode_horizon: Optional[int] = None  # None -> the env's time limit
         # --- E-step ---
         self.kl_bound = 0.1  # epsilon: mean KL(q || pi_old) over states
-        self.num_sampled_actions = 32  # K actions per state
+        self.num_sampled_actions = 16  # K actions per state (FSRL's default)
         self.estep_solver = "newton"
         self.estep_lambda_max = 1000.0  # cap on lambda (infeasible steps hit it)
         # --- M-step trust region ---
@@ -97,7 +97,7 @@ class CVPOConfig(AlgorithmConfig):
         self.reward_critic_reduction = "min"
         self.num_cost_critics = 1  # per constraint
         self.cost_critic_reduction = "mean"
-        self.num_target_actions = 4  # actions averaged for the TD target V(s')
+        self.num_target_actions = 1  # actions from pi_old averaged for the TD target V(s')
         self.train_batch_size_per_learner = 256
         self.training_intensity = 0.2  # gradient updates per sampled env step
         self.updates_per_learner_call = 8
