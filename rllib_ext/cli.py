@@ -170,8 +170,19 @@ def check_env(env: Optional[str], env_config: Dict[str, Any]) -> None:
 
     try:
         probe_env(env, dict(env_config), ["cost"])
-    except (cvpo_envs.UnknownEnvError, cvpo_envs.NoCostSignalError, ImportError) as err:
+    except (
+        cvpo_envs.UnknownEnvError,
+        cvpo_envs.UnsupportedEnvError,
+        cvpo_envs.NoCostSignalError,
+        ImportError,
+    ) as err:
         raise CLIError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 (the env's constructor, reset or step failed)
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise CLIError(
+            f"env {env!r} could not be built and stepped with env_config={dict(env_config)!r}: "
+            f"{type(err).__name__}: {first}"
+        ) from None
 
 
 def _init_ray(args) -> None:
@@ -309,6 +320,7 @@ def run_experiments(experiments: Dict[str, Dict[str, Any]], args) -> int:
 
     import rllib_ext  # noqa: F401
 
+    stop_override = _json_arg(args.stop, "--stop") if args.stop else None
     prepared = []
     for name, spec in experiments.items():
         algo_name = spec.get("run") or spec.get("algo")
@@ -326,9 +338,7 @@ def run_experiments(experiments: Dict[str, Dict[str, Any]], args) -> int:
     _init_ray(args)
     status = 0
     for name, spec, algo_cls, param_space in prepared:
-        stop = spec.get("stop") or {}
-        if args.stop:
-            stop = _json_arg(args.stop, "--stop")
+        stop = stop_override if stop_override is not None else (spec.get("stop") or {})
         ckpt = spec.get("checkpoint_config") or {}
         checkpoint_config = CheckpointConfig(
             checkpoint_frequency=int(ckpt.get("checkpoint_frequency", args.checkpoint_freq)),

@@ -38,6 +38,7 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
+from cvpo.envs import NoCostSignalError, NonFiniteSignalError
 from cvpo.replay import EpisodeChunk, NStepAccumulator, NStepReplayBuffer
 from rllib_ext.cvpo import metrics as M
 
@@ -108,6 +109,11 @@ class CVPOConfig(AlgorithmConfig):
         self.rollout_fragment_length = 50
         self.min_sample_timesteps_per_iteration = 1000
         self.min_time_s_per_iteration = 0
+        # A failed EnvRunner sleeps this long before it exits and Ray restarts it; with
+        # synchronous sampling every iteration waits for it (RLlib's 60 s default stalled a
+        # crash iteration 77 s instead of 24 s here). The restart itself (~10-20 s of
+        # imports) already throttles a crash-looping env.
+        self.delay_between_env_runner_restarts_s = 1.0
         self.normalize_actions = False
         self.clip_actions = True
         self.lr = None
@@ -280,6 +286,17 @@ class CVPO(Algorithm):
     def get_default_config(cls) -> CVPOConfig:
         return CVPOConfig()
 
+    @classmethod
+    @override(Algorithm)
+    def from_checkpoint(cls, path, filesystem=None, **kwargs) -> "CVPO":
+        """Like ``Algorithm.from_checkpoint``, with one clear error (CheckpointError)
+        for a local checkpoint that is missing, damaged, or another algorithm's."""
+        if filesystem is None:
+            from rllib_ext.cvpo.validation import check_algorithm_checkpoint
+
+            check_algorithm_checkpoint(path, cls)
+        return super().from_checkpoint(path, filesystem=filesystem, **kwargs)
+
     @override(Algorithm)
     def _create_local_replay_buffer_if_necessary(self, config):
         # Our own buffer: n-step sums of reward and of every cost (RLlib's
@@ -299,13 +316,20 @@ class CVPO(Algorithm):
     def training_step(self) -> None:
         cfg: CVPOConfig = self.config
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            episodes, env_runner_results = synchronous_parallel_sample(
-                worker_set=self.env_runner_group,
-                concat=True,
-                sample_timeout_s=cfg.sample_timeout_s,
-                _uses_new_env_runners=True,
-                _return_metrics=True,
-            )
+            try:
+                episodes, env_runner_results = synchronous_parallel_sample(
+                    worker_set=self.env_runner_group,
+                    concat=True,
+                    sample_timeout_s=cfg.sample_timeout_s,
+                    _uses_new_env_runners=True,
+                    _return_metrics=True,
+                )
+            except RuntimeError as err:
+                # The local EnvRunner wraps a failed env.step in a bare RuntimeError();
+                # surface cvpo.envs' own one-line error (it names the env and the step).
+                if isinstance(err.__cause__, (NonFiniteSignalError, NoCostSignalError)):
+                    raise err.__cause__ from None
+                raise
         self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
 
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):

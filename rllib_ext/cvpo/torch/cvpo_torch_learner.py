@@ -169,6 +169,11 @@ class CVPOTorchLearner(TorchLearner):
             sampled = self._sample(mu_old, std_old, config.num_sampled_actions)  # (B, K, d)
             q, qc = self._values(module, module.target_critics, obs, sampled, config)
             t_eval = time.perf_counter() - t0
+            # A NaN/inf observation or diverged target critics would make solve_dual
+            # raise; neutralise them here (no host sync): the critic loss of the same
+            # rows is non-finite too, so the guard below skips the whole update.
+            q = torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0)
+            qc = torch.nan_to_num(qc, nan=0.0, posinf=0.0, neginf=0.0)
             dual = estep.solve_dual(
                 q,
                 qc,
