@@ -10,7 +10,9 @@ SAFETY_GYMNASIUM_SPEC ?= safety-gymnasium==1.0.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?=
+# Two test processes: most tests wait on Ray start-up and subprocesses, so two
+# overlap well on 2 cores; --dist loadfile keeps each file in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install test test-fast lint train bench clean
 
