@@ -226,7 +226,9 @@ class CVPOTorchLearner(TorchLearner):
         for k, name in enumerate(names):
             log((mid, M.LAMBDA_PREFIX + name), dual.lambdas[k], window=1)
             log((mid, M.QC_MEAN_PREFIX + name), qc[k].mean(), window=w)
-            log((mid, M.STEP_THRESHOLD_PREFIX + name), float(self._thresholds(mid, cfg)[k]), window=1)
+            threshold = float(self._thresholds(mid, cfg)[k])
+            if np.isfinite(threshold):  # inf (constraint off) upsets TensorBoard loggers
+                log((mid, M.STEP_THRESHOLD_PREFIX + name), threshold, window=1)
         log((mid, M.ESTEP_SOLVE_TIME_S), dual.solve_time, window=w)
         log((mid, M.ESTEP_CRITIC_EVAL_TIME_S), t_eval, window=w)
         log((mid, M.ESTEP_ITERATIONS), dual.iterations, window=w)
