@@ -81,11 +81,17 @@ def profile_shares(one_call, updates_per_call: int, calls: int) -> dict:
     return out
 
 
-def build_learner(args):
+def build_learner(args, learner_class=None):
+    """(config, learner) for CVPO on SafetyPointGoal1-shaped spaces, no EnvRunners.
+
+    ``args`` needs batch, K, obs_dim, act_dim, updates_per_call and device;
+    hidden (128) and solver ("newton") are optional.
+    """
     import gymnasium as gym
 
     from rllib_ext.cvpo import CVPOConfig
 
+    hidden = getattr(args, "hidden", 128)
     obs_space = gym.spaces.Box(-np.inf, np.inf, (args.obs_dim,), np.float32)
     act_space = gym.spaces.Box(-1.0, 1.0, (args.act_dim,), np.float32)
     config = (
@@ -94,17 +100,19 @@ def build_learner(args):
         .training(
             train_batch_size_per_learner=args.batch,
             num_sampled_actions=args.K,
-            actor_hiddens=[128, 128],
-            critic_hiddens=[128, 128],
+            actor_hiddens=[hidden, hidden],
+            critic_hiddens=[hidden, hidden],
             updates_per_learner_call=args.updates_per_call,
-            estep_solver=args.solver,
+            estep_solver=getattr(args, "solver", "newton"),
             episode_horizon=1000,
         )
         .learners(num_gpus_per_learner=1 if args.device == "cuda" else 0)
     )
+    if learner_class is not None:
+        config.learners(learner_class=learner_class)
     config.seed = 0
-    return config, config.build_learner(env=None, spaces={
-        "__env__": (obs_space, act_space), "default_policy": (obs_space, act_space)})
+    spaces = {"__env__": (obs_space, act_space), "default_policy": (obs_space, act_space)}
+    return config, config.build_learner(env=None, spaces=spaces)
 
 
 def main():

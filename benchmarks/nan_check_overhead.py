@@ -75,30 +75,10 @@ def _unguarded_class():
 
 
 def build_learner(args, learner_class=None):
-    import gymnasium as gym
+    # benchmarks/ is on sys.path when this runs as a script
+    from learner import build_learner as build
 
-    from rllib_ext.cvpo import CVPOConfig
-
-    obs_space = gym.spaces.Box(-np.inf, np.inf, (args.obs_dim,), np.float32)
-    act_space = gym.spaces.Box(-1.0, 1.0, (args.act_dim,), np.float32)
-    config = (
-        CVPOConfig()
-        .environment(observation_space=obs_space, action_space=act_space)
-        .training(
-            train_batch_size_per_learner=args.batch,
-            num_sampled_actions=args.K,
-            actor_hiddens=[args.hidden, args.hidden],
-            critic_hiddens=[args.hidden, args.hidden],
-            updates_per_learner_call=args.updates_per_call,
-            episode_horizon=1000,
-        )
-        .learners(num_gpus_per_learner=1 if args.device == "cuda" else 0)
-    )
-    if learner_class is not None:
-        config.learners(learner_class=learner_class)
-    config.seed = 0
-    spaces = {"__env__": (obs_space, act_space), "default_policy": (obs_space, act_space)}
-    return config.build_learner(env=None, spaces=spaces)
+    return build(args, learner_class)[1]
 
 
 def _batches(args, n):
