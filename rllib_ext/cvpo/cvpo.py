@@ -15,7 +15,6 @@ Data flow of one ``training_step``:
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -393,6 +392,3 @@ class CVPO(Algorithm):
         if REPLAY_STATE_KEY in state:
             self._replay.set_state(state[REPLAY_STATE_KEY])
 
-
-def _is_inf(x: float) -> bool:
-    return isinstance(x, float) and math.isinf(x)
