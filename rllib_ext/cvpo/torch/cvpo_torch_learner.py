@@ -56,6 +56,7 @@ class CVPOTorchLearner(TorchLearner):
         self._dual: Dict[ModuleID, Optional[tuple]] = {}
         self._counters: Dict[ModuleID, Dict[str, int]] = {}
         self._skip_update = False
+        self._threshold_cache: Dict[ModuleID, np.ndarray] = {}
         seed = self.config.seed if self.config.seed is not None else 0
         self._generator = torch.Generator(device=self._device)
         self._generator.manual_seed(int(seed) + 7919)
@@ -209,12 +210,9 @@ class CVPOTorchLearner(TorchLearner):
         return total
 
     def _thresholds(self, module_id: ModuleID, config) -> np.ndarray:
-        cache = getattr(self, "_threshold_cache", None)
-        if cache is None:
-            cache = self._threshold_cache = {}
-        if module_id not in cache:
-            cache[module_id] = config.step_thresholds()
-        return cache[module_id]
+        if module_id not in self._threshold_cache:
+            self._threshold_cache[module_id] = config.step_thresholds()
+        return self._threshold_cache[module_id]
 
     def _log(self, mid, module, dual, stats, member_mse, q, qc, t_eval, trust) -> None:
         cfg = self.config.get_config_for_module(mid)
