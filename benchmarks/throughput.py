@@ -61,6 +61,8 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
             train_batch_size_per_learner=256,
             num_steps_sampled_before_learning_starts=1000,
             updates_per_learner_call=args.updates_per_call,
+            num_reward_critics=args.reward_critics,
+            async_sampling=not args.sync,
         )
         .debugging(seed=0)
     )
@@ -100,6 +102,9 @@ def main() -> None:
     p.add_argument("--envs-per-runner", type=int, default=1)
     p.add_argument("--fragment", type=int, default=100)
     p.add_argument("--updates-per-call", type=int, default=8)
+    p.add_argument("--reward-critics", type=int, default=1,
+                   help="reward critics (1: the reference, FSRL's double_critic=False)")
+    p.add_argument("--sync", action="store_true", help="sample and update in lockstep")
     p.add_argument("--quick", action="store_true", help="20 s windows")
     args = p.parse_args()
     if args.quick:
@@ -134,6 +139,9 @@ def main() -> None:
         "env": args.env,
         "cpu_count": cores,
         "update_ratio": args.intensity,
+        "num_reward_critics": args.reward_critics,
+        "async_sampling": not args.sync,
+        "envs_per_runner": args.envs_per_runner,
         "raw_env_steps_per_s_one_core": round(ceiling, 1),
         "end_to_end": e2e,
         "sampling_only": sampling,

@@ -96,6 +96,8 @@ CONFIG_CASES = [
     ("train_batch_size_per_learner-0", dict(train_batch_size_per_learner=0),
      ["`train_batch_size_per_learner`=0"]),
     ("updates_per_learner_call-0", dict(updates_per_learner_call=0), ["`updates_per_learner_call`=0"]),
+    ("async_sampling-str", dict(async_sampling="yes"), ["`async_sampling`='yes'", "True or False"]),
+    ("learner_torch_threads-0", dict(learner_torch_threads=0), ["`learner_torch_threads`=0", "integer"]),
 ]
 
 

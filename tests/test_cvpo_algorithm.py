@@ -138,8 +138,15 @@ class _CountSteps(CostMetricsCallback):
         env_runner._test_steps = getattr(env_runner, "_test_steps", 0) + sum(len(e) for e in samples)
 
 
-def test_two_env_runners_on_safety_point_goal(ray_local):
-    cfg = small_config("SafetyPointGoal1-v0", num_steps_sampled_before_learning_starts=100)
+@pytest.mark.parametrize("async_sampling", [True, False])
+def test_two_env_runners_on_safety_point_goal(ray_local, async_sampling):
+    """Both runners sample; with async sampling each keeps one 50-step chunk in
+    flight while the driver learns, and every other chunk is in the driver's count."""
+    cfg = small_config(
+        "SafetyPointGoal1-v0",
+        num_steps_sampled_before_learning_starts=100,
+        async_sampling=async_sampling,
+    )
     cfg.env_runners(num_env_runners=2, rollout_fragment_length=50)
     cfg.callbacks(_CountSteps)
     cfg.min_sample_timesteps_per_iteration = 200
@@ -147,17 +154,39 @@ def test_two_env_runners_on_safety_point_goal(ray_local):
     try:
         for _ in range(2):
             result = algo.train()
-        per_runner = algo.env_runner_group.foreach_env_runner(
+        in_flight = algo.env_runner_group.num_in_flight_async_reqs(tag="cvpo_sample")
+        per_runner = algo.env_runner_group.foreach_env_runner(  # waits for in-flight chunks
             lambda er: getattr(er, "_test_steps", 0),
             local_env_runner=False,
         )
     finally:
         algo.stop()
-    assert len(per_runner) == 2 and all(s >= 200 for s in per_runner), per_runner
     er = result["env_runners"]
+    assert in_flight == (2 if async_sampling else 0)
+    assert sum(per_runner) == er["num_env_steps_sampled_lifetime"] + 50 * in_flight, per_runner
+    assert len(per_runner) == 2 and all(s >= 200 for s in per_runner), per_runner
     assert er["num_env_steps_sampled_lifetime"] >= 400
     assert M.EPISODE_COST_MEAN in er or er.get("num_episodes_lifetime", 0) == 0
     assert result[M.CVPO_RESULTS][M.UPDATES_LIFETIME] > 0
+
+
+def test_learner_threads_leave_the_env_runners_their_cores(monkeypatch):
+    from rllib_ext.cvpo.torch import cvpo_torch_learner as L
+
+    monkeypatch.setattr(L.os, "cpu_count", lambda: 16)
+    cfg = small_config()
+    assert L.learner_threads(cfg) is None  # no remote runners: torch's default
+    cfg.env_runners(num_env_runners=6)
+    assert L.learner_threads(cfg) == 10
+    cfg.env_runners(num_env_runners=6, num_cpus_per_env_runner=2)
+    assert L.learner_threads(cfg) == 4
+    cfg.env_runners(num_env_runners=20, num_cpus_per_env_runner=1)
+    assert L.learner_threads(cfg) == 1  # never below one
+    cfg.training(learner_torch_threads=3)
+    assert L.learner_threads(cfg) == 3  # explicit setting wins
+    cfg.training(learner_torch_threads=None)
+    cfg.learners(num_learners=1)
+    assert L.learner_threads(cfg) is None  # a learner actor: Ray sets its threads
 
 
 def test_tune_runs_cvpo_by_name(ray_local, tmp_path):

@@ -32,10 +32,16 @@ def test_mlp_shapes():
         mlp(4, 2, hidden=(0,))
 
 
-def test_ensemble_batched_pass_equals_member_loop():
+@pytest.mark.parametrize(
+    "act_dim, hidden",
+    [(ACT, (16, 16)), (1, (16, 16)), (10, (16, 16)), (ACT, (16,)), (ACT, (8, 8, 8))],
+)
+def test_ensemble_batched_pass_equals_member_loop(act_dim, hidden):
+    """Both first-layer paths (broadcast multiply-adds for act_dim <= 8, bmm above)
+    and the per-member matrix-vector output layer equal a plain MLP per member."""
     torch.manual_seed(0)
-    ensemble = CriticEnsemble(OBS, ACT, num_members=5, hidden=(16, 16))
-    obs, act = torch.randn(7, OBS), torch.randn(7, ACT)
+    ensemble = CriticEnsemble(OBS, act_dim, num_members=5, hidden=hidden)
+    obs, act = torch.randn(7, OBS), torch.randn(7, act_dim)
     values = ensemble(obs, act)
     assert values.shape == (5, 7)
     expected = torch.stack([member_forward(ensemble, m, obs, act) for m in range(5)])
@@ -50,11 +56,12 @@ def test_ensemble_batched_pass_equals_member_loop():
         torch.testing.assert_close(a, p.grad)
 
 
-def test_ensemble_broadcasts_states_over_sampled_actions():
+@pytest.mark.parametrize("act_dim", [ACT, 10])
+def test_ensemble_broadcasts_states_over_sampled_actions(act_dim):
     torch.manual_seed(1)
-    ensemble = CriticEnsemble(OBS, ACT, num_members=3, hidden=(16,))
+    ensemble = CriticEnsemble(OBS, act_dim, num_members=3, hidden=(16,))
     B, K = 4, 9
-    obs, act = torch.randn(B, OBS), torch.randn(B, K, ACT)
+    obs, act = torch.randn(B, OBS), torch.randn(B, K, act_dim)
     values = ensemble(obs, act)
     assert values.shape == (3, B, K)
     repeated = ensemble(obs[:, None].expand(B, K, OBS), act)  # obs materialised per action
@@ -64,12 +71,12 @@ def test_ensemble_broadcasts_states_over_sampled_actions():
             values[m], member_forward(ensemble, m, obs[:, None].expand(B, K, OBS), act)
         )
     # arbitrary leading dims and a single pair
-    assert ensemble(torch.randn(2, 5, OBS), torch.randn(2, 5, ACT)).shape == (3, 2, 5)
-    assert ensemble(torch.randn(OBS), torch.randn(ACT)).shape == (3,)
+    assert ensemble(torch.randn(2, 5, OBS), torch.randn(2, 5, act_dim)).shape == (3, 2, 5)
+    assert ensemble(torch.randn(OBS), torch.randn(act_dim)).shape == (3,)
     with pytest.raises(ValueError, match="leading dims"):
-        ensemble(torch.randn(4, OBS), torch.randn(5, ACT))
+        ensemble(torch.randn(4, OBS), torch.randn(5, act_dim))
     with pytest.raises(ValueError, match="obs"):
-        ensemble(torch.randn(4, OBS + 1), torch.randn(4, ACT))
+        ensemble(torch.randn(4, OBS + 1), torch.randn(4, act_dim))
 
 
 def test_ensemble_members_are_independent():

@@ -15,6 +15,7 @@ Data flow of one ``training_step``:
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -104,6 +105,15 @@ class CVPOConfig(AlgorithmConfig):
         self.replay_capacity = 200_000
         self.num_steps_sampled_before_learning_starts = 2000
         self.store_buffer_in_checkpoints = False
+        # --- speed ---
+        # With remote EnvRunners, keep one sample request in flight per runner while
+        # the learner updates (sampling and learning overlap; each update sees the data
+        # up to the previous chunk). False: sample, then update, in lockstep.
+        self.async_sampling = True
+        # torch intra-op threads of a learner on CPU; None: all cores minus those of
+        # the EnvRunners when the learner runs in the driver (num_learners=0),
+        # else torch's default.
+        self.learner_torch_threads = None
         # --- RLlib settings that fit an off-policy algorithm ---
         self.rollout_fragment_length = 50
         self.min_sample_timesteps_per_iteration = 1000
@@ -154,6 +164,8 @@ class CVPOConfig(AlgorithmConfig):
         replay_capacity=NotProvided,
         num_steps_sampled_before_learning_starts=NotProvided,
         store_buffer_in_checkpoints=NotProvided,
+        async_sampling=NotProvided,
+        learner_torch_threads=NotProvided,
         **kwargs,
     ) -> "CVPOConfig":
         """Sets CVPO's hyper-parameters (any left out keep their value).
@@ -184,6 +196,9 @@ class CVPOConfig(AlgorithmConfig):
             replay_capacity: transitions held by the replay buffer.
             num_steps_sampled_before_learning_starts: warm-up env steps.
             store_buffer_in_checkpoints: also save the replay buffer in checkpoints.
+            async_sampling: with remote EnvRunners, sample the next chunk while the
+                learner updates on the previous ones (default True).
+            learner_torch_threads: torch threads of a CPU learner (None: auto).
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -277,6 +292,15 @@ def episode_to_chunk(episode, cost_keys: Sequence[str]) -> EpisodeChunk:
     )
 
 
+_SAMPLE_TAG = "cvpo_sample"
+_POLL_S = 0.01  # seconds between checks for finished sample requests
+
+
+def _sample_with_metrics(env_runner):
+    """Runs on a remote EnvRunner: one chunk of episodes and the runner's metrics."""
+    return env_runner.sample(), env_runner.get_metrics()
+
+
 class CVPO(Algorithm):
     """Constrained Variational Policy Optimization (Liu et al., ICML 2022)."""
 
@@ -311,24 +335,61 @@ class CVPO(Algorithm):
         self._update_steps_base = None
         return None
 
+    # -- sampling -------------------------------------------------------------------------
+    def _uses_async_sampling(self) -> bool:
+        return bool(self.config.async_sampling) and self.env_runner_group.num_remote_workers() > 0
+
+    def _sample_sync(self):
+        try:
+            return synchronous_parallel_sample(
+                worker_set=self.env_runner_group,
+                concat=True,
+                sample_timeout_s=self.config.sample_timeout_s,
+                _uses_new_env_runners=True,
+                _return_metrics=True,
+            )
+        except RuntimeError as err:
+            # The local EnvRunner wraps a failed env.step in a bare RuntimeError();
+            # surface cvpo.envs' own one-line error (it names the env and the step).
+            if isinstance(err.__cause__, (NonFiniteSignalError, NoCostSignalError)):
+                raise err.__cause__ from None
+            raise
+
+    def _sample_async(self):
+        """Collects the chunks that remote EnvRunners finished and re-launches them.
+
+        Every healthy runner has one ``sample`` request in flight (RLlib's
+        ``max_requests_in_flight_per_env_runner``, default 1), so it rolls out the
+        next chunk while this process runs the learner updates. Waits (polling,
+        up to ``sample_timeout_s``) until at least one chunk is back, so an
+        iteration never spins without data. A runner that fails is marked
+        unhealthy by RLlib's actor manager and restored by ``Algorithm.step``.
+        """
+        group = self.env_runner_group
+        timeout = self.config.sample_timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = group.foreach_env_runner_async_fetch_ready(
+            func=_sample_with_metrics, tag=_SAMPLE_TAG, timeout_seconds=0.0
+        )
+        while not results:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            if group.num_healthy_remote_workers() == 0:
+                break  # nothing can come back until Algorithm.step restores runners
+            results = group.foreach_env_runner_async_fetch_ready(
+                func=_sample_with_metrics, tag=_SAMPLE_TAG, timeout_seconds=_POLL_S
+            )
+        episodes = [episode for chunk, _ in results for episode in chunk]
+        return episodes, [metrics for _, metrics in results]
+
     @override(Algorithm)
     def training_step(self) -> None:
         cfg: CVPOConfig = self.config
         with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-            try:
-                episodes, env_runner_results = synchronous_parallel_sample(
-                    worker_set=self.env_runner_group,
-                    concat=True,
-                    sample_timeout_s=cfg.sample_timeout_s,
-                    _uses_new_env_runners=True,
-                    _return_metrics=True,
-                )
-            except RuntimeError as err:
-                # The local EnvRunner wraps a failed env.step in a bare RuntimeError();
-                # surface cvpo.envs' own one-line error (it names the env and the step).
-                if isinstance(err.__cause__, (NonFiniteSignalError, NoCostSignalError)):
-                    raise err.__cause__ from None
-                raise
+            if self._uses_async_sampling():
+                episodes, env_runner_results = self._sample_async()
+            else:
+                episodes, env_runner_results = self._sample_sync()
         self.metrics.aggregate(env_runner_results, key=ENV_RUNNER_RESULTS)
 
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):

@@ -121,6 +121,10 @@ def validate_cvpo_config(cfg) -> None:
             raise _bad(key, h, "a non-empty list of positive layer sizes, e.g. [128, 128]")
     if cfg.episode_horizon is not None:
         _positive(cfg, "episode_horizon", integer=True)
+    if not isinstance(cfg.async_sampling, bool):
+        raise _bad("async_sampling", cfg.async_sampling, "True or False")
+    if cfg.learner_torch_threads is not None:
+        _positive(cfg, "learner_torch_threads", integer=True)
     _gpu_fallback(cfg)
     _probe_env(cfg)
 

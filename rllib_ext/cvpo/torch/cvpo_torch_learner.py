@@ -20,6 +20,7 @@ the critics never reaches the actor's weights.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Dict, Optional
 
@@ -32,6 +33,7 @@ from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
 from cvpo import estep
+from cvpo._malloc import tune_malloc
 from cvpo.mstep import TrustRegion, mstep_loss
 from cvpo.networks import polyak_update
 from rllib_ext.cvpo import metrics as M
@@ -41,11 +43,44 @@ LEARNER_STATE_KEY = "cvpo_learner_state"
 _STATUSES = (estep.STATUS_CONVERGED, estep.STATUS_MAX_ITER, estep.STATUS_INFEASIBLE)
 
 
+def learner_threads(config) -> Optional[int]:
+    """torch intra-op threads for a CPU learner, or None to leave torch's setting.
+
+    ``learner_torch_threads`` if set. Otherwise, for a learner in the driver
+    (``num_learners=0``) next to remote EnvRunners on this machine, the cores the
+    runners leave free (at least 1): the learner's OpenMP barriers otherwise wait
+    for scheduler slices on cores busy with rollouts.
+    """
+    if config.num_gpus_per_learner:
+        return None
+    if config.learner_torch_threads is not None:
+        return int(config.learner_torch_threads)
+    if config.num_learners == 0 and config.num_env_runners > 0:
+        cores = os.cpu_count() or 1
+        busy = config.num_env_runners * max(1, int(config.num_cpus_per_env_runner or 1))
+        return max(1, cores - busy)
+    return None
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one op for all tensors; on CPU ~4x faster per
+    step than the default per-tensor loop at CVPO's sizes, measured 0.3 vs 1.4 ms),
+    or the multi-tensor path where this torch/device has no fused Adam."""
+    try:
+        return torch.optim.Adam(params, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, foreach=True)
+
+
 class CVPOTorchLearner(TorchLearner):
     """TorchLearner for CVPO (see the module docstring)."""
 
     @override(TorchLearner)
     def build(self) -> None:
+        tune_malloc()  # keep the E-step's multi-MB activations on warm heap pages
+        threads = learner_threads(self.config)
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         super().build()
         self.module.foreach_module(
             lambda mid, mod: mod.make_target_networks()
@@ -82,7 +117,7 @@ class CVPOTorchLearner(TorchLearner):
         self.register_optimizer(
             module_id=module_id,
             optimizer_name="critic",
-            optimizer=torch.optim.Adam(critic_params),
+            optimizer=_adam(critic_params),
             params=critic_params,
             lr_or_lr_schedule=config.critic_lr,
         )
@@ -90,7 +125,7 @@ class CVPOTorchLearner(TorchLearner):
         self.register_optimizer(
             module_id=module_id,
             optimizer_name="actor",
-            optimizer=torch.optim.Adam(actor_params),
+            optimizer=_adam(actor_params),
             params=actor_params,
             lr_or_lr_schedule=config.actor_lr,
         )
