@@ -44,7 +44,7 @@ test-fast: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/rllib train --algo CVPO --env $(TRAIN_ENV) \
-	  --config '{"num_env_runners": $(TRAIN_RUNNERS), "cost_limit": 25.0, "seed": 0}' \
+	  --config '{"num_env_runners": $(TRAIN_RUNNERS), "num_envs_per_env_runner": 4, "cost_limit": 25.0, "seed": 0}' \
 	  --stop '{"time_total_s": $(TRAIN_SECONDS)}' \
 	  --storage-path $(abspath $(TRAIN_DIR)) --experiment-name cvpo-make-train \
 	  --plot $(TRAIN_DIR)/progress.png

@@ -1,7 +1,8 @@
 """Learner updates/s of CVPO at the reference hyper-parameters, with a time breakdown.
 
 Reference (FSRL's CVPO on this 2-core machine): batch 256, K=16, 128x128
-networks, ~120 gradient updates/s. This script builds the real RLlib learner
+networks, one reward and one cost critic (FSRL's default ``double_critic=False``),
+~120 gradient updates/s. This script builds the real RLlib learner
 (no EnvRunners), fills a replay buffer with random SafetyPointGoal1-shaped
 transitions, and times ``learner_group.update`` calls of
 ``updates_per_learner_call`` minibatches each. The share of time in critic
@@ -85,7 +86,8 @@ def build_learner(args, learner_class=None):
     """(config, learner) for CVPO on SafetyPointGoal1-shaped spaces, no EnvRunners.
 
     ``args`` needs batch, K, obs_dim, act_dim, updates_per_call and device;
-    hidden (128) and solver ("newton") are optional.
+    hidden (128), solver ("newton") and reward_critics (1, the reference's
+    single reward critic: FSRL's ``double_critic=False``) are optional.
     """
     import gymnasium as gym
 
@@ -104,6 +106,7 @@ def build_learner(args, learner_class=None):
             critic_hiddens=[hidden, hidden],
             updates_per_learner_call=args.updates_per_call,
             estep_solver=getattr(args, "solver", "newton"),
+            num_reward_critics=getattr(args, "reward_critics", 1),
             episode_horizon=1000,
         )
         .learners(num_gpus_per_learner=1 if args.device == "cuda" else 0)
@@ -124,6 +127,9 @@ def main():
     p.add_argument("--updates-per-call", type=int, default=8)
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--solver", default="newton")
+    p.add_argument("--reward-critics", type=int, default=1,
+                   help="reward critics (1: the reference, FSRL's double_critic=False; "
+                   "CVPOConfig's default is 2)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
@@ -172,6 +178,7 @@ def main():
         "K": args.K,
         "updates_per_learner_call": U,
         "estep_solver": args.solver,
+        "num_reward_critics": args.reward_critics,
         "updates_per_s": round(ups, 1),
         "reference_updates_per_s": 120.0,
         "ratio_vs_reference": round(ups / 120.0, 2),

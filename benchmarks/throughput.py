@@ -99,7 +99,8 @@ def main() -> None:
     p.add_argument("--runners", default=None, help="comma list (default 1..cores-1, at least 1)")
     p.add_argument("--seconds", type=float, default=60.0, help="timed window per run")
     p.add_argument("--intensity", type=float, default=0.2)
-    p.add_argument("--envs-per-runner", type=int, default=1)
+    p.add_argument("--envs-per-runner", type=int, default=4,
+                   help="vectorized envs per EnvRunner (one policy forward per step for all)")
     p.add_argument("--fragment", type=int, default=100)
     p.add_argument("--updates-per-call", type=int, default=8)
     p.add_argument("--reward-critics", type=int, default=1,
