@@ -70,6 +70,8 @@ def test_ensemble_broadcasts_states_over_sampled_actions(act_dim):
         torch.testing.assert_close(
             values[m], member_forward(ensemble, m, obs[:, None].expand(B, K, OBS), act)
         )
+    # K = 1 (the TD target's single action per next state) is the pair layout
+    torch.testing.assert_close(ensemble(obs, act[:, :1]), ensemble(obs, act[:, 0]).unsqueeze(-1))
     # arbitrary leading dims and a single pair
     assert ensemble(torch.randn(2, 5, OBS), torch.randn(2, 5, act_dim)).shape == (3, 2, 5)
     assert ensemble(torch.randn(OBS), torch.randn(act_dim)).shape == (3,)

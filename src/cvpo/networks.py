@@ -238,25 +238,33 @@ class CriticEnsemble(nn.Module):
                 f"got obs {tuple(obs.shape)} and act {tuple(act.shape)}"
             )
         M, S = self.num_members, math.prod(obs.shape[:-1])  # S states, N = S*K pairs
-        obs_flat = obs.reshape(1, S, self.obs_dim).expand(M, -1, -1)  # (M, S, obs_dim)
 
-        # first layer: [obs, act] @ W0 + b0 = (obs @ W0_obs + b0) + act @ W0_act
         w0, b0 = self.weights[0], self.biases[0]
-        obs_part = torch.baddbmm(b0.unsqueeze(1), obs_flat, w0[:, : self.obs_dim])  # (M, S, h)
         hidden0 = w0.shape[-1]
-        if self.act_dim <= _ELEMENTWISE_MAX_ACT_DIM:
-            # A matmul with inner dimension act_dim (~2) runs far below peak;
-            # act_dim broadcast multiply-adds over (M, S, K, h) are ~3x faster.
-            act_k = act.reshape(1, S, per_state, self.act_dim)
-            w_act = w0[:, self.obs_dim :].reshape(M, 1, 1, self.act_dim, hidden0)
-            h = torch.addcmul(obs_part.unsqueeze(2), act_k[..., 0:1], w_act[..., 0, :])
-            for j in range(1, self.act_dim):
-                h = h.addcmul_(act_k[..., j : j + 1], w_act[..., j, :])
-            h = h.view(M, S * per_state, hidden0)  # (M, N, h)
+        if per_state == 1:
+            # one (state, action) pair per state (the critic loss, the TD target):
+            # a single matmul on [obs, act]
+            pairs = torch.cat([obs.reshape(S, -1), act.reshape(S, -1)], dim=-1)
+            pairs = pairs.unsqueeze(0).expand(M, -1, -1)  # (M, S, obs_dim + act_dim)
+            h = torch.baddbmm(b0.unsqueeze(1), pairs, w0)  # (M, N, h)
         else:
-            act_flat = act.reshape(1, S * per_state, self.act_dim).expand(M, -1, -1)
-            h = torch.bmm(act_flat, w0[:, self.obs_dim :])  # (M, N, h)
-            h.view(M, S, per_state, -1).add_(obs_part.unsqueeze(2))  # broadcast over K
+            # K actions per state (the E-step): [obs, act] @ W0 + b0 =
+            # (obs @ W0_obs + b0) + act @ W0_act, the observation part once per state
+            obs_flat = obs.reshape(1, S, self.obs_dim).expand(M, -1, -1)  # (M, S, obs_dim)
+            obs_part = torch.baddbmm(b0.unsqueeze(1), obs_flat, w0[:, : self.obs_dim])  # (M, S, h)
+            if self.act_dim <= _ELEMENTWISE_MAX_ACT_DIM:
+                # A matmul with inner dimension act_dim (~2) runs far below peak;
+                # act_dim broadcast multiply-adds over (M, S, K, h) are ~3x faster.
+                act_k = act.reshape(1, S, per_state, self.act_dim)
+                w_act = w0[:, self.obs_dim :].reshape(M, 1, 1, self.act_dim, hidden0)
+                h = torch.addcmul(obs_part.unsqueeze(2), act_k[..., 0:1], w_act[..., 0, :])
+                for j in range(1, self.act_dim):
+                    h = h.addcmul_(act_k[..., j : j + 1], w_act[..., j, :])
+                h = h.view(M, S * per_state, hidden0)  # (M, N, h)
+            else:
+                act_flat = act.reshape(1, S * per_state, self.act_dim).expand(M, -1, -1)
+                h = torch.bmm(act_flat, w0[:, self.obs_dim :])  # (M, N, h)
+                h.view(M, S, per_state, -1).add_(obs_part.unsqueeze(2))  # broadcast over K
         h = self.activation(h)
         last = len(self.weights) - 1
         for i in range(1, last):
