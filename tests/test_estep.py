@@ -65,6 +65,10 @@ def random_problem(rng, B, K, m, regime):
             thresholds.append(math.inf if rng.random() < 0.5 else qc[k].max().item() + 1.0)
         else:
             thresholds.append(cheapest - 0.2 * (unconstrained - cheapest))
+    # Rounded, so that the problems do not depend on the Newton solver's round-off
+    # (whether Clarabel reaches 'optimal' on a hard infeasible case can flip with
+    # a 1-ulp change of its threshold).
+    thresholds = [float(f"{t:.10g}") for t in thresholds]
     return q, qc, kl_bound, thresholds
 
 
@@ -135,7 +139,12 @@ def test_newton_matches_cvxpy(seed, B, K, m, regime):
     # may fail (the fallback covers that in use); a lower cap keeps it accurate.
     caps = {"lambda_max": 100.0 if regime == "infeasible" else LAMBDA_MAX}
     newton = solve_dual(q, qc, kl_bound, thresholds, solver="newton", **caps)
-    cvx = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy", **caps)
+    # cvxpy warm-starts Clarabel from the previous solve of the same cached (B, K, m)
+    # model by default, which makes its accuracy depend on the test order (a 1-ulp
+    # change in an earlier problem's thresholds turned one solve 'optimal_inaccurate');
+    # a cold solve is a function of this problem alone.
+    cvx = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy",
+                     cvxpy_options={"warm_start": False}, **caps)
     assert not cvx.fallback and cvx.solver == "cvxpy", cvx.message
     assert newton.status in (STATUS_CONVERGED, STATUS_INFEASIBLE)
     assert newton.status == cvx.status
@@ -158,10 +167,19 @@ def test_newton_matches_cvxpy(seed, B, K, m, regime):
     assert newton.iterations <= 20
 
 
-def test_analytic_hessian_matches_autograd():
+def make_dual_problem(kind, q, qc, kl_bound, thresholds):
+    """The torch or the numpy (host) evaluation of the dual (all constraints active)."""
+    if kind == "torch":
+        return estep._DualProblem(q, qc, kl_bound, np.asarray(thresholds, dtype=np.float64))
+    return estep._HostDualProblem(q.numpy(), qc.numpy(), kl_bound,
+                                  np.asarray(thresholds, dtype=np.float64))
+
+
+@pytest.mark.parametrize("kind", ["torch", "host"])
+def test_analytic_hessian_matches_autograd(kind):
     rng = np.random.default_rng(123)
     q, qc, kl_bound, thresholds = random_problem(rng, 16, 8, 2, "active")
-    problem = estep._DualProblem(q, qc, kl_bound, np.asarray(thresholds))
+    problem = make_dual_problem(kind, q, qc, kl_bound, thresholds)
     eta, lambdas = 1.7, np.array([0.3, 1.1])
     evaluation = problem.evaluate(eta, lambdas)
     x = torch.tensor([eta, *lambdas], dtype=torch.float64)
@@ -177,6 +195,136 @@ def test_analytic_hessian_matches_autograd():
     np.testing.assert_allclose(
         evaluation.hessian, torch.autograd.functional.hessian(g, x).numpy(), rtol=1e-8, atol=1e-10
     )
+
+
+# --- the CPU (numpy) evaluation against the torch one ------------------------
+
+
+@pytest.mark.parametrize("blas_dot", [True, False])
+@pytest.mark.parametrize("B, K, m", [(16, 8, 2), (256, 16, 1), (32, 4, 0)])
+def test_host_evaluation_matches_torch(B, K, m, blas_dot):
+    rng = np.random.default_rng(B + K + m)
+    q, qc, kl_bound, thresholds = random_problem(rng, B, K, m, "active" if m else "none")
+    host = make_dual_problem("host", q, qc, kl_bound, thresholds)
+    assert host.blas_dot  # small problems; above _BLAS_DOT_MAX pairs the sums use einsum
+    host.blas_dot = blas_dot
+    torch_problem = make_dual_problem("torch", q, qc, kl_bound, thresholds)
+    for eta, lambdas in [(0.7, rng.uniform(0, 2, m)), (40.0, np.zeros(m)), (1e-3, np.full(m, 5.0))]:
+        a, b = host.evaluate(eta, lambdas), torch_problem.evaluate(eta, lambdas)
+        scale = abs(b.objective) + abs(b.centred) + 1.0
+        assert a.objective == pytest.approx(b.objective, abs=1e-12 * scale)
+        assert a.centred == pytest.approx(b.centred, abs=1e-12 * scale)
+        assert a.kl == pytest.approx(b.kl, rel=1e-10, abs=1e-13)
+        np.testing.assert_allclose(a.gradient, b.gradient, rtol=1e-10, atol=1e-12)
+        # the Hessian is a difference of second moments (of features up to ~log K and
+        # max |Qc|): near a one-hot q it cancels to round-off in either evaluation
+        moments = math.log(K) ** 2 + (qc.abs().max().item() if m else 0.0) ** 2 + 1.0
+        np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-9, atol=1e-13 * moments / eta)
+        np.testing.assert_allclose(a.weights.T, b.weights.numpy(), rtol=1e-10, atol=1e-15)
+    assert host.mean_row_variance() == pytest.approx(torch_problem.mean_row_variance(), rel=1e-12)
+    q_host, qc_host = host.host_data()
+    np.testing.assert_array_equal(q_host, q.numpy())
+    np.testing.assert_array_equal(qc_host, qc.numpy())
+
+
+def solve_both_paths(monkeypatch, *args, **kwargs):
+    """solve_dual through the numpy (host) path and through the torch path."""
+    assert estep._use_host(args[0])
+    host = solve_dual(*args, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(estep, "_HOST_MAX_PAIRS", 0)
+        assert not estep._use_host(args[0])
+        reference = solve_dual(*args, **kwargs)
+    return host, reference
+
+
+def assert_same_result(a, b, rtol=1e-10):
+    assert (a.status, a.iterations, a.solver, a.fallback, a.infeasible_constraints) == (
+        b.status, b.iterations, b.solver, b.fallback, b.infeasible_constraints)
+    for name in ("eta", "lambdas", "weights", "expected_costs"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape and x.is_contiguous(), name
+        scale = max([1.0, *y.abs().flatten().tolist()])
+        torch.testing.assert_close(x, y, rtol=rtol, atol=rtol * scale, msg=name)
+    assert a.objective == pytest.approx(b.objective, rel=rtol, abs=rtol)
+    assert a.kl == pytest.approx(b.kl, rel=rtol, abs=1e-12)
+
+
+HOST_CASES = [(0, 32, 16, 0, "none"), (1, 256, 16, 1, "active"), (2, 256, 32, 1, "active"),
+              (3, 64, 16, 2, "active"), (4, 64, 16, 2, "mixed"), (5, 32, 8, 2, "infeasible"),
+              (6, 16, 64, 1, "inactive"), (7, 8, 4, 1, "active")]
+
+
+@pytest.mark.parametrize("seed, B, K, m, regime", HOST_CASES)
+def test_cpu_fast_path_matches_torch_path(monkeypatch, seed, B, K, m, regime):
+    rng = np.random.default_rng(seed)
+    q, qc, kl_bound, thresholds = random_problem(rng, B, K, m, regime)
+    if regime == "mixed":
+        thresholds[1] = math.inf  # an inactive constraint next to an active one
+    caps = {"lambda_max": 100.0 if regime == "infeasible" else LAMBDA_MAX}
+    cold, cold_ref = solve_both_paths(monkeypatch, q, qc, kl_bound, thresholds, **caps)
+    assert_same_result(cold, cold_ref)
+    if regime == "infeasible":
+        assert cold.status == STATUS_INFEASIBLE
+    # the learner's call: the next (perturbed) batch warm-started from this solution
+    noise = torch.tensor(rng.normal(size=q.shape)) * 0.05 * q.std()
+    warm, warm_ref = solve_both_paths(monkeypatch, q + noise, qc, kl_bound, thresholds,
+                                      init=(cold.eta, cold.lambdas), **caps)
+    assert_same_result(warm, warm_ref)
+    # float32 inputs: the same solve; the outputs agree to float32 rounding
+    warm32, warm32_ref = solve_both_paths(monkeypatch, (q + noise).float(), qc.float(),
+                                          kl_bound, thresholds, init=cold, **caps)
+    assert warm32.weights.dtype == torch.float32
+    assert_same_result(warm32, warm32_ref, rtol=1e-6)
+    # dual_objective takes the same path
+    assert dual_objective(q, qc, kl_bound, thresholds, float(cold.eta), cold.lambdas) == (
+        pytest.approx(cold.objective, rel=1e-13))
+
+
+def test_cpu_fast_path_other_dtypes_and_layouts(monkeypatch):
+    rng = np.random.default_rng(17)
+    q, qc, kl_bound, thresholds = random_problem(rng, 32, 8, 1, "active")
+    for dtype in (torch.float16, torch.bfloat16):
+        host, reference = solve_both_paths(monkeypatch, q.to(dtype), qc.to(dtype), kl_bound,
+                                           thresholds)
+        assert host.weights.dtype == host.eta.dtype == dtype
+        assert_same_result(host, reference, rtol=1e-2)
+        assert host.objective == pytest.approx(reference.objective, rel=1e-10)
+    # non-contiguous inputs and inputs that require grad
+    q_t = q.T.contiguous().T.requires_grad_()
+    qc_t = qc.transpose(1, 2).contiguous().transpose(1, 2)
+    host, reference = solve_both_paths(monkeypatch, q_t, qc_t, kl_bound, thresholds)
+    assert_same_result(host, reference)
+    assert not host.weights.requires_grad
+    # the result owns its memory: changing the inputs afterwards changes nothing
+    weights = host.weights.clone()
+    with torch.no_grad():
+        q_t.add_(1.0)
+    torch.testing.assert_close(host.weights, weights, rtol=0, atol=0)
+
+
+def test_cpu_fast_path_leaves_torch_threads_alone():
+    threads = torch.get_num_threads()
+    q = torch.randn(64, 16)
+    solve_dual(q, None, 0.1, [], cpu_threads=max(1, threads - 1) if threads > 1 else 2)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 6])
+def test_small_solve_matches_lapack(n):
+    rng = np.random.default_rng(n)
+    for trial in range(20):
+        a = rng.normal(size=(n, n))
+        if trial % 2:  # symmetric positive definite with unit diagonal, as in the solver
+            a = a @ a.T + 1e-3 * np.eye(n)
+            d = 1.0 / np.sqrt(a.diagonal())
+            a = a * np.outer(d, d)
+        b = rng.normal(size=n)
+        x = estep._solve_small(a.tolist(), b.tolist())
+        np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-9,
+                                   atol=1e-12 * np.abs(np.linalg.solve(a, b)).max())
+    with pytest.raises(np.linalg.LinAlgError):
+        estep._solve_small([[1.0, 2.0], [2.0, 4.0]], [1.0, 1.0])
 
 
 def test_result_fields_and_dtypes():
@@ -305,9 +453,10 @@ def test_infeasible_constraint_caps_lambda_and_keeps_weights_finite():
 
 @pytest.mark.parametrize("which", ["q", "qc"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_non_finite_inputs_raise(which, bad):
-    q = torch.randn(8, 4)
-    qc = torch.rand(1, 8, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_inputs_raise(which, bad, dtype):
+    q = torch.randn(8, 4).to(dtype)
+    qc = torch.rand(1, 8, 4).to(dtype)
     target = q if which == "q" else qc
     target.view(-1)[[0, 5, 7]] = bad
     with pytest.raises(ValueError, match=rf"^{which} has 3 non-finite entries"):

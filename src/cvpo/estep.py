@@ -23,10 +23,14 @@ so the optimality conditions are the ones in cvpo.md: mean KL = epsilon where
 eta is interior, mean E_q[Qc^k] = eps_k where 0 < lambda_k < lambda_max.
 
 Two solvers minimize the same program (same bounds): ``"newton"``, an exact
-projected Newton method in float64 on the tensors' device (``_solve_newton``:
-Newton steps on the coordinates not held at a bound, projection onto the box,
-Armijo backtracking, eta changing by at most 10x per step), and ``"cvxpy"``,
-the DPP-parametrized exponential-cone model, cached per (B, K, m).
+projected Newton method in float64 (``_solve_newton``: Newton steps on the
+coordinates not held at a bound, projection onto the box, Armijo backtracking,
+eta changing by at most 10x per step), and ``"cvxpy"``, the DPP-parametrized
+exponential-cone model, cached per (B, K, m). g and its derivatives are
+evaluated with torch on the tensors' device (``_DualProblem``), or, for CPU
+tensors of up to ``_HOST_MAX_PAIRS`` state-action pairs (the learner's case),
+with numpy (``_HostDualProblem``: the same sums with a fraction of torch's
+per-op overhead); the (1+m)-dimensional Newton steps are Python floats.
 
 A constraint with threshold ``inf`` is inactive: its lambda is fixed at 0 and it
 does not enter either program.
@@ -256,6 +260,8 @@ class _DualProblem:
     first feature: same covariance, KL(q_i || uniform) = E_{q_i}[log(K q_i)]
     directly, and it stays small both near uniform q and where A/eta is huge
     (no cancellation in E[f^2] - E[f]^2).
+
+    ``_HostDualProblem`` is the same computation in numpy, used for CPU data.
     """
 
     def __init__(
@@ -277,16 +283,38 @@ class _DualProblem:
         qc_row_mean = qc.mean(dim=2, keepdim=True)  # (m, B, 1)
         offsets = torch.cat([q_row_mean.mean().reshape(1), qc_row_mean.mean(dim=(1, 2))])
         offsets = np.asarray(offsets.tolist())
-        self.objective_offset = offsets[0]  # mean_ij Q
+        self.objective_offset = float(offsets[0])  # mean_ij Q
         self.cost_offsets = offsets[1:]  # (m,) mean_ij Qc^k
-        self.thresholds_centred = thresholds - self.cost_offsets  # (m,)
+        self.thresholds_centred = (thresholds - self.cost_offsets).tolist()  # (m,)
         # F = (log(K q), Q~, Qc~^1, ..., Qc~^m); F[0] is rewritten at every evaluation.
         self.features = torch.empty((2 + self.m, self.B, self.K), dtype=q.dtype, device=q.device)
         torch.sub(q, q_row_mean, out=self.features[1])  # (B, K)
         torch.sub(qc, qc_row_mean, out=self.features[2:])  # (m, B, K)
         self.z = torch.empty_like(q)  # (B, K) buffer for A~ / eta
 
-    def evaluate(self, eta: float, lambdas: np.ndarray) -> _Evaluation:
+    def host_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q (B, K), Qc (m, B, K)) as float64 host arrays (for cvxpy)."""
+        return self.q.cpu().numpy(), self.qc.cpu().numpy()
+
+    def mean_row_variance(self) -> float:
+        """(1/B) sum_i Var_uniform(Q_i) (for the cold-start eta)."""
+        return float(self.q.var(dim=1, unbiased=False).mean().item())
+
+    def weights_as(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """An evaluation's (B, K) weights as a tensor of ``dtype`` on q's device."""
+        return weights.to(dtype)
+
+    def expected_costs(self, weights: torch.Tensor, qc_all: torch.Tensor) -> torch.Tensor:
+        """(m,) (1/B) sum_i E_{q_i}[Qc^k] for all m constraints (qc_all (m, B, K) float64)."""
+        return torch.einsum("bk,mbk->m", weights, qc_all) / self.B
+
+    def to_tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
+        """A host scalar or vector (or a tensor) as a tensor of ``dtype`` on q's device."""
+        if isinstance(value, torch.Tensor):
+            return value.to(dtype)
+        return torch.tensor(value, dtype=dtype, device=self.q.device)
+
+    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray) -> _Evaluation:
         """g, grad g, Hessian of g and q at (eta, lambdas), with one device-to-host copy.
 
         Since z_ij - log(K q_ij) = log((1/K) sum_j' exp z_ij') for every j and
@@ -296,9 +324,11 @@ class _DualProblem:
         so every statistic comes from q-weighted sums of F: per-state means (for
         the covariances) and their totals.
         """
+        lambdas = np.asarray(lambdas, dtype=np.float64)
+        lams = lambdas.tolist()
         m, F = self.m, self.features
         z = torch.mul(F[1], 1.0 / eta, out=self.z)  # (B, K)  A~ / eta
-        for k, lam in enumerate(lambdas.tolist()):
+        for k, lam in enumerate(lams):
             if lam != 0.0:
                 z.add_(F[2 + k], alpha=-lam / eta)
         torch.log_softmax(z, dim=1, out=F[0])  # (B, K)  log q
@@ -315,15 +345,15 @@ class _DualProblem:
         # (1/B) sum_i Cov_{q_i}(F), restricted to (log Kq, Qc~): Q~ only enters g
         cov = (host[n : n + n * n] - host[n + n * n :]).reshape(n, n)
         hessian = cov[self.hessian_index[:, None], self.hessian_index] / eta
-        kl = mean_f[0]  # (1/B) sum_i KL(q_i || uniform)
+        kl = float(mean_f[0])  # (1/B) sum_i KL(q_i || uniform)
         expected_costs = mean_f[2:] + self.cost_offsets  # (m,) (1/B) sum_i E_q[Qc^k]
-        eta_log_partition = mean_f[1] - float(lambdas @ mean_f[2:]) - eta * kl
-        centred = eta * self.kl_bound + float(lambdas @ self.thresholds_centred) + eta_log_partition
-        objective = self.objective_offset + centred
-        gradient = np.concatenate([[self.kl_bound - kl], self.thresholds - expected_costs])
+        eta_log_partition = float(mean_f[1]) - float(lambdas @ mean_f[2:]) - eta * kl
+        centred = eta * self.kl_bound + _dot(lams, self.thresholds_centred) + eta_log_partition
         return _Evaluation(
-            eta=eta, lambdas=lambdas, objective=objective, centred=centred, gradient=gradient,
-            hessian=hessian, kl=kl, weights=weights,
+            eta=eta, lambdas=lambdas, objective=self.objective_offset + centred, centred=centred,
+            gradient=[self.kl_bound - kl, *(self.thresholds - expected_costs).tolist()],
+            hessian=hessian.tolist(), kl=kl, expected_costs=expected_costs.tolist(),
+            weights=weights,
         )
 
 
@@ -333,79 +363,282 @@ class _Evaluation:
     lambdas: np.ndarray  # (m,)
     objective: float  # g
     centred: float  # g - mean(Q): g~, free of the (shift-dependent) offset
-    gradient: np.ndarray  # (1+m,)
-    hessian: np.ndarray  # (1+m, 1+m)
+    gradient: list[float]  # (1+m,)
+    hessian: list[list[float]]  # (1+m, 1+m)
     kl: float
-    weights: torch.Tensor  # (B, K) float64
+    expected_costs: list[float]  # (m,) (1/B) sum_i E_{q_i}[Qc^k]
+    weights: torch.Tensor | np.ndarray  # q: (B, K) float64 tensor, or (K, B) host array
 
 
-def _newton_direction(gradient: np.ndarray, hessian: np.ndarray, free: np.ndarray,
-                      x: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+def _dot(a: Sequence[float], b: Sequence[float]) -> float:
+    """sum_k a_k b_k in Python floats (for the (m,) vectors: cheaper than a numpy call)."""
+    return sum(x * y for x, y in zip(a, b))
+
+
+# torch dtypes that numpy holds exactly (bfloat16 is converted through torch).
+_HOST_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+# Largest B*K solved by _HostDualProblem on CPU. Up to here the few torch ops it
+# uses (exp, dtype conversions) run single-threaded whatever torch's thread
+# setting (at::internal::GRAIN_SIZE = 32768 elements), and numpy's lower per-call
+# overhead outweighs torch's faster kernels; larger CPU problems, and every
+# problem on another device, go through _DualProblem.
+_HOST_MAX_PAIRS = 16384
+
+
+# Longest vectors handed to BLAS's dot (OpenBLAS's ddot stays single-threaded up to
+# 10000 entries; beyond, it wakes its thread pool, which on busy cores can wait a
+# scheduler slice); longer ones go through np.einsum (no BLAS).
+_BLAS_DOT_MAX = 8192
+
+
+def _use_host(q: torch.Tensor) -> bool:
+    """Whether (B, K) q is solved with _HostDualProblem (numpy) rather than _DualProblem."""
+    return q.device.type == "cpu" and q.shape[0] * q.shape[1] <= _HOST_MAX_PAIRS
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's data as a numpy array (a view, unless its dtype has no numpy twin)."""
+    tensor = tensor.detach().resolve_neg()
+    if tensor.dtype not in _HOST_DTYPES:
+        tensor = tensor.to(torch.float64)
+    return tensor.numpy()
+
+
+class _HostDualProblem:
+    """``_DualProblem`` computed with numpy on the host, for CPU data.
+
+    The same g, gradient, Hessian and q up to round-off: the same centring and
+    the same q-weighted sums of the same features, F = (log(K q), Qc~^1, ...,
+    Qc~^m, Q~) (ordered so that the ones entering the Hessian come first). In
+    the learner B*K is a few thousand and an evaluation is ~20 elementwise ops
+    and reductions, so its cost is per-call overhead: ~1 us per numpy call
+    against ~5-10 us per torch op. Arrays are stored transposed, (K, B), so
+    that the per-state reductions over the K samples run along the leading axis
+    (contiguous and vectorised over states). It uses numpy ufuncs, einsum, BLAS
+    dot products only below OpenBLAS's threading threshold, and torch's exp
+    below its parallel grain size: single-threaded whatever the BLAS or torch
+    thread settings.
+
+    Args:
+        q: (B, K) reward-critic values, a host array of any float dtype (kept
+            for ``host_data``, not modified).
+        qc: (m, B, K) cost-critic values of the active constraints, likewise.
+        kl_bound: epsilon.
+        thresholds: (m,) float64 eps_k of the active constraints.
+    """
+
+    def __init__(
+        self, q: np.ndarray, qc: np.ndarray, kl_bound: float, thresholds: np.ndarray
+    ) -> None:
+        self.B, self.K = q.shape
+        self.m = m = qc.shape[0]
+        self.q, self.qc = q, qc  # uncentred (for cvxpy)
+        self.kl_bound = kl_bound
+        self.thresholds = thresholds  # (m,)
+        self.log_k = math.log(self.K)
+        h = m + 1  # features entering the Hessian: log(K q), Qc~^1..m
+        # F = (log(K q), Qc~^1, ..., Qc~^m, Q~), each (K, B) float64; F[0] is
+        # rewritten at every evaluation.
+        F = self.features = np.empty((h + 1, self.K, self.B))
+        F[1:h] = qc.swapaxes(1, 2)  # one pass: transpose and convert to float64
+        F[h] = q.T
+        row_means = F[1:].sum(axis=1, keepdims=True) / self.K  # (h, 1, B)  mean_j
+        F[1:] -= row_means
+        *cost_offsets, self.objective_offset = (row_means.sum(axis=(1, 2)) / self.B).tolist()
+        self.cost_offsets = cost_offsets  # (m,) mean_ij Qc^k; objective_offset: mean_ij Q
+        self.thresholds_centred = [t - c for t, c in zip(thresholds.tolist(), cost_offsets)]
+        self.z = np.empty((self.K, self.B))  # buffer for A~ / eta
+        self.z_torch = torch.from_numpy(self.z)  # the same memory, for torch.exp
+        # OpenBLAS runs a dot product of more than 10000 entries on several threads
+        self.blas_dot = self.K * self.B <= _BLAS_DOT_MAX
+
+    def host_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """(Q (B, K), Qc (m, B, K)) as float64 host arrays (for cvxpy)."""
+        return (np.ascontiguousarray(self.q, dtype=np.float64),
+                np.ascontiguousarray(self.qc, dtype=np.float64))
+
+    def mean_row_variance(self) -> float:
+        """(1/B) sum_i Var_uniform(Q_i) (for the cold-start eta)."""
+        q_centred = self.features[self.m + 1]
+        return float(np.einsum("kb,kb->", q_centred, q_centred)) / (self.K * self.B)
+
+    def weights_as(self, weights: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """An evaluation's (K, B) weights as a new contiguous (B, K) CPU tensor of ``dtype``."""
+        host_dtype = _HOST_DTYPES.get(dtype)
+        if host_dtype is None:
+            return torch.from_numpy(np.ascontiguousarray(weights.T)).to(dtype)
+        return torch.from_numpy(np.ascontiguousarray(weights.T, dtype=host_dtype))
+
+    def expected_costs(self, weights: np.ndarray, qc_all: np.ndarray) -> np.ndarray:
+        """(m,) (1/B) sum_i E_{q_i}[Qc^k] for all m constraints (qc_all (m, B, K), any float
+        dtype; the products are summed in float64)."""
+        return np.einsum("mbk,kb->m", qc_all, weights, dtype=np.float64) / self.B
+
+    def to_tensor(self, value: Any, dtype: torch.dtype) -> torch.Tensor:
+        """A host scalar or vector as a new CPU tensor of ``dtype``."""
+        host_dtype = _HOST_DTYPES.get(dtype)
+        if host_dtype is None:
+            return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype)
+        return torch.from_numpy(np.array(value, dtype=host_dtype))
+
+    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray) -> _Evaluation:
+        """g, grad g, Hessian of g and q at (eta, lambdas); see ``_DualProblem.evaluate``.
+
+        The returned weights are (K, B) (``weights_as`` turns them into q's layout).
+        """
+        lambdas = np.asarray(lambdas, dtype=np.float64)
+        lams = lambdas.tolist()
+        h, F, B = self.m + 1, self.features, self.B
+        z = np.multiply(F[h], 1.0 / eta, out=self.z)  # (K, B)  A~ / eta
+        for k, lam in enumerate(lams):
+            if lam != 0.0:
+                z -= F[1 + k] * (lam / eta)
+        z -= z.max(axis=0)  # (K, B)  each state's largest z is 0
+        # (K, B)  K q up to a per-state factor (torch's vectorised exp is 2-3x numpy's)
+        weights = np.empty_like(z)
+        torch.exp(self.z_torch, out=torch.from_numpy(weights))
+        total = weights.sum(axis=0)  # (B,)
+        np.subtract(z, np.log(total) - self.log_k, out=F[0])  # (K, B)  log(K q)
+        weights /= total  # (K, B)  q
+        weighted = F * weights  # (h+1, K, B)
+        means = weighted.sum(axis=1)  # (h+1, B)  E_{q_i}[F]
+        # sum_ij q_ij F_a F_b and sum_i E_qi[F_a] E_qi[F_b] over the Hessian's features
+        if self.blas_dot:  # (for h = 2: 6 BLAS dot products, ~1 us each)
+            second = [[0.0] * h for _ in range(h)]
+            outer = [[0.0] * h for _ in range(h)]
+            for a in range(h):
+                for c in range(a, h):
+                    second[a][c] = second[c][a] = float(np.vdot(weighted[a], F[c]))
+                    outer[a][c] = outer[c][a] = float(np.vdot(means[a], means[c]))
+        else:
+            second = np.einsum("akb,ckb->ac", weighted[:h], F[:h]).tolist()
+            outer = np.einsum("ab,cb->ac", means[:h], means[:h]).tolist()
+        # the rest is O(m^2) scalar work, in Python floats
+        kl, *mean_costs, mean_reward = (means.sum(axis=1) / B).tolist()  # (1/B) sum_i E_qi[F]
+        # (1/B) sum_i Cov_{q_i}(log Kq, Qc~) / eta
+        hessian = [[(s / B - o / B) / eta for s, o in zip(s_row, o_row)]
+                   for s_row, o_row in zip(second, outer)]
+        kl_bound, thresholds_centred = self.kl_bound, self.thresholds_centred
+        eta_log_partition = mean_reward - _dot(lams, mean_costs) - eta * kl
+        centred = eta * kl_bound + _dot(lams, thresholds_centred) + eta_log_partition
+        return _Evaluation(
+            eta=eta, lambdas=lambdas, objective=self.objective_offset + centred, centred=centred,
+            gradient=[kl_bound - kl, *(t - c for t, c in zip(thresholds_centred, mean_costs))],
+            hessian=hessian, kl=kl,
+            expected_costs=[c + o for c, o in zip(mean_costs, self.cost_offsets)],
+            weights=weights,
+        )
+
+
+def _solve_small(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a x = b for a small dense a: Gaussian elimination with partial pivoting
+    (LAPACK's dgesv) in Python floats, which for n <= 4 costs less than one numpy call.
+    ``a`` and ``b`` are overwritten."""
+    n = len(b)
+    for k in range(n):
+        pivot_row = max(range(k, n), key=lambda i: abs(a[i][k]))
+        if a[pivot_row][k] == 0.0:
+            raise np.linalg.LinAlgError("Singular matrix")
+        if pivot_row != k:
+            a[k], a[pivot_row] = a[pivot_row], a[k]
+            b[k], b[pivot_row] = b[pivot_row], b[k]
+        row_k, pivot = a[k], a[k][k]
+        for i in range(k + 1, n):
+            row_i = a[i]
+            factor = row_i[k] / pivot
+            for j in range(k + 1, n):
+                row_i[j] -= factor * row_k[j]
+            b[i] -= factor * b[k]
+    x = [0.0] * n
+    for i in range(n - 1, -1, -1):
+        row_i = a[i]
+        x[i] = (b[i] - sum(row_i[j] * x[j] for j in range(i + 1, n))) / row_i[i]
+    return x
+
+
+def _newton_direction(gradient: Sequence[float], hessian: Sequence[Sequence[float]],
+                      free: Sequence[bool], x: Sequence[float], lower: Sequence[float],
+                      upper: Sequence[float]) -> list[float]:
     """Newton direction d (step x - d) on the free coordinates, 0 on the bound-active ones.
 
     The reduced Hessian is scaled to unit diagonal (eta and lambda have different
     units) and a tiny ridge keeps it invertible. A free coordinate without
     curvature (its feature has zero variance under q in every state) makes g
     linear along it, so its step goes straight to the bound the gradient points at.
+    The vectors have 1 + m entries: Python floats and lists throughout.
     """
-    direction = np.zeros_like(gradient)
-    diag = hessian.diagonal()
-    curved = free & (diag > 0)
-    if not curved.all():
-        flat = free & ~curved
-        direction[flat] = np.where(gradient[flat] > 0, x[flat] - lower[flat],
-                                   x[flat] - upper[flat])
-        direction[~np.isfinite(direction)] = 0.0  # no finite bound in the descent direction
-    idx = np.flatnonzero(curved)
-    if idx.size:
-        scale = 1.0 / np.sqrt(diag[idx])
-        scaled = hessian[idx[:, None], idx] * np.outer(scale, scale)
-        scaled.flat[:: idx.size + 1] += 1e-12
-        direction[idx] = scale * np.linalg.solve(scaled, scale * gradient[idx])
+    direction = [0.0] * len(gradient)
+    curved = []
+    for i, is_free in enumerate(free):
+        if not is_free:
+            continue
+        if hessian[i][i] > 0:
+            curved.append(i)
+        else:
+            step = x[i] - lower[i] if gradient[i] > 0 else x[i] - upper[i]
+            # no finite bound in the descent direction: no step
+            direction[i] = step if math.isfinite(step) else 0.0
+    if curved:
+        scale = [1.0 / math.sqrt(hessian[i][i]) for i in curved]
+        scaled = [[hessian[i][j] * (s_i * s_j) for j, s_j in zip(curved, scale)]
+                  for i, s_i in zip(curved, scale)]
+        for r in range(len(curved)):
+            scaled[r][r] += 1e-12
+        solved = _solve_small(scaled, [s * gradient[i] for i, s in zip(curved, scale)])
+        for i, s, v in zip(curved, scale, solved):
+            direction[i] = s * v
     return direction
 
 
 def _solve_newton(
-    problem: _DualProblem,
-    x0: np.ndarray,
-    lower: np.ndarray,
-    upper: np.ndarray,
+    problem: _DualProblem | _HostDualProblem,
+    x0: Sequence[float],
+    lower: Sequence[float],
+    upper: Sequence[float],
     max_iter: int,
     tol: float,
 ) -> tuple[_Evaluation, int, str]:
     """Projected Newton (after Bertsekas 1982) with an Armijo search along the projection arc.
 
     Returns the final evaluation, the number of Newton steps and
-    STATUS_CONVERGED or STATUS_MAX_ITER.
+    STATUS_CONVERGED or STATUS_MAX_ITER. The (1+m,) iterates are Python floats.
     """
-    x = np.clip(x0, lower, upper)
+    lower, upper = [float(v) for v in lower], [float(v) for v in upper]
+    bounds = list(zip(lower, upper))
+    kl_bound, thresholds_centred, eta_min = problem.kl_bound, problem.thresholds_centred, lower[0]
+    x = [min(max(float(v), lo), up) for v, (lo, up) in zip(x0, bounds)]
     current = problem.evaluate(x[0], x[1:])
     for iteration in range(max_iter):
         gradient = current.gradient
         # Coordinates held at a bound that the gradient pushes outward stay fixed.
-        blocked = ((x <= lower) & (gradient > 0)) | ((x >= upper) & (gradient < 0))
-        free = ~blocked
+        free = [not ((v <= lo and g > 0) or (v >= up and g < 0))
+                for v, g, (lo, up) in zip(x, gradient, bounds)]
         direction = _newton_direction(gradient, current.hessian, free, x, lower, upper)
-        decrement = float(gradient @ direction)  # Newton decrement^2 = 2 * predicted decrease
+        decrement = _dot(gradient, direction)  # Newton decrement^2 = 2 * predicted decrease
         # the scale of g~ = g - mean(Q), what a step can change (shift-invariant)
-        scale = (abs(current.centred) + x[0] * problem.kl_bound
-                 + abs(x[1:] @ problem.thresholds_centred))
-        if decrement <= 2.0 * tol * scale or not direction.any():
+        eta = x[0]
+        scale = (abs(current.centred) + eta * kl_bound
+                 + abs(_dot(x[1:], thresholds_centred)))
+        if decrement <= 2.0 * tol * scale or not any(direction):
             return current, iteration, STATUS_CONVERGED
 
         step = 1.0
-        if current.hessian[0, 0] > 0 and direction[0] != 0.0:
-            eta_next = x[0] - direction[0]
-            if eta_next < x[0] / _ETA_STEP_RATIO and x[0] / _ETA_STEP_RATIO > lower[0]:
-                step = (x[0] - x[0] / _ETA_STEP_RATIO) / direction[0]
-            elif eta_next > x[0] * _ETA_STEP_RATIO:
-                step = (x[0] - x[0] * _ETA_STEP_RATIO) / direction[0]
+        eta_direction = direction[0]
+        if current.hessian[0][0] > 0 and eta_direction != 0.0:
+            eta_next = eta - eta_direction
+            if eta_next < eta / _ETA_STEP_RATIO and eta / _ETA_STEP_RATIO > eta_min:
+                step = (eta - eta / _ETA_STEP_RATIO) / eta_direction
+            elif eta_next > eta * _ETA_STEP_RATIO:
+                step = (eta - eta * _ETA_STEP_RATIO) / eta_direction
 
         roundoff = 1e-15 * scale
+        sufficient = [_ARMIJO * g for g in gradient]
         while True:
-            x_next = np.clip(x - step * direction, lower, upper)
+            x_next = [min(max(v - step * d, lo), up)
+                      for v, d, (lo, up) in zip(x, direction, bounds)]
             trial = problem.evaluate(x_next[0], x_next[1:])
-            if trial.centred <= current.centred + _ARMIJO * gradient @ (x_next - x) + roundoff:
+            predicted = _dot(sufficient, [a - b for a, b in zip(x_next, x)])
+            if trial.centred <= current.centred + predicted + roundoff:
                 break
             step *= 0.5
             if step < _MIN_STEP:
@@ -430,6 +663,8 @@ def _as_float(value: Any, name: str) -> float:
 
 def _as_host_vector(value: Any, name: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.device.type == "cpu":
+            return _host_array(value).astype(np.float64).reshape(-1)
         value = value.detach().cpu().double().numpy()
     try:
         return np.asarray(value, dtype=np.float64).reshape(-1)
@@ -437,16 +672,27 @@ def _as_host_vector(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be a sequence of real numbers, got {value!r}") from err
 
 
-def _count_non_finite(tensor: torch.Tensor) -> int:
-    return int((~torch.isfinite(tensor)).sum().item())
+def _count_non_finite(*tensors: torch.Tensor) -> list[int]:
+    """The number of NaN / inf entries of each tensor, with at most one host sync."""
+    if all(t.device.type == "cpu" and t.dtype in _HOST_DTYPES for t in tensors):
+        counts = []
+        for tensor in tensors:
+            data = _host_array(tensor)
+            finite = np.isfinite(data)
+            counts.append(0 if finite.all() else int(data.size - np.count_nonzero(finite)))
+        return counts
+    return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).tolist()
+
+
+def _intra_op_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
+    """Temporarily set torch's intra-op thread count (process-wide); None: leave it."""
+    if threads is None or threads == torch.get_num_threads():
+        return contextlib.nullcontext()
+    return _set_intra_op_threads(threads)
 
 
 @contextlib.contextmanager
-def _intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Temporarily set torch's intra-op thread count (process-wide)."""
-    if threads is None or threads == torch.get_num_threads():
-        yield
-        return
+def _set_intra_op_threads(threads: int) -> Iterator[None]:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -471,8 +717,7 @@ def _check_inputs(
         raise ValueError(f"qc must be a torch tensor of shape (m, B, K) = (m, {B}, {K}), got {shape}")
     if qc.device != q.device:
         raise ValueError(f"q and qc must be on the same device, got {q.device} and {qc.device}")
-    for name, tensor in (("q", q), ("qc", qc)):
-        bad = _count_non_finite(tensor)
+    for name, tensor, bad in zip(("q", "qc"), (q, qc), _count_non_finite(q, qc)):
         if bad:
             raise ValueError(
                 f"{name} has {bad} non-finite entries (NaN or inf) out of {tensor.numel()}; "
@@ -487,7 +732,7 @@ def _check_inputs(
             f"thresholds must have one entry per cost critic (m = {qc.shape[0]}), "
             f"got {thresholds.shape[0]}"
         )
-    if np.isnan(thresholds).any() or (thresholds == -np.inf).any():
+    if not (thresholds > -np.inf).all():  # NaN or -inf
         raise ValueError(
             f"thresholds must be real numbers or +inf (inactive constraint), got {thresholds}"
         )
@@ -495,7 +740,7 @@ def _check_inputs(
 
 
 def _initial_point(
-    q: torch.Tensor,
+    problem: _DualProblem | _HostDualProblem,
     m: int,
     kl_bound: float,
     init: EStepResult | tuple[Any, Any] | None,
@@ -503,8 +748,7 @@ def _initial_point(
     """eta0, lambda0 (None: zeros). Without a warm start, eta0 matches the KL bound
     to second order at lambda = 0: KL ~= Var_uniform(Q) / (2 eta^2)."""
     if init is None:
-        variance = float(q.var(dim=1, unbiased=False).mean().item())
-        return math.sqrt(variance / (2.0 * kl_bound)), None
+        return math.sqrt(problem.mean_row_variance() / (2.0 * kl_bound)), None
     if isinstance(init, EStepResult):
         eta, lambdas = init.eta, init.lambdas
     else:
@@ -545,13 +789,28 @@ def dual_objective(
     if (lambdas[~active] != 0).any():
         raise ValueError("lambdas of inactive constraints (threshold inf) must be 0")
     with torch.no_grad():
-        qc_active = qc[torch.as_tensor(np.flatnonzero(active), device=qc.device, dtype=torch.long)]
-        problem = _DualProblem(q.double(), qc_active.double(), kl_bound, thresholds[active])
-        return problem.evaluate(float(eta), lambdas[active]).objective
+        problem, _ = _build_problem(q, qc, kl_bound, thresholds, np.flatnonzero(active))
+        return float(problem.evaluate(float(eta), lambdas[active]).objective)
+
+
+def _build_problem(
+    q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray, active: np.ndarray
+) -> tuple[_DualProblem | _HostDualProblem, torch.Tensor | np.ndarray]:
+    """The dual over the ``active`` constraints, and all m of qc for the problem's
+    ``expected_costs`` (an (m, B, K) host array, or a float64 tensor on q's device)."""
+    m = qc.shape[0]
+    if _use_host(q):
+        qc_all = _host_array(qc)  # (m, B, K), a view of qc's data
+        qc_active = qc_all if len(active) == m else qc_all[active]
+        return _HostDualProblem(_host_array(q), qc_active, kl_bound, thresholds[active]), qc_all
+    qc_all = qc.detach().to(torch.float64)  # (m, B, K)
+    qc_active = qc_all if len(active) == m else qc_all[torch.as_tensor(active, device=qc.device)]
+    problem = _DualProblem(q.detach().to(torch.float64), qc_active, kl_bound, thresholds[active])
+    return problem, qc_all
 
 
 def _solve_cvxpy(
-    problem: _DualProblem,
+    problem: _DualProblem | _HostDualProblem,
     eta_min: float,
     lambda_max: float,
     cvxpy_solver: str,
@@ -566,9 +825,10 @@ def _solve_cvxpy(
             f"cvxpy_solver {cvxpy_solver!r} is not installed; installed: {cp.installed_solvers()}"
         )
     model = build_cvxpy_problem(problem.B, problem.K, problem.m)
-    model.q.value = problem.q.cpu().numpy()
+    q_host, qc_host = problem.host_data()
+    model.q.value = q_host
     for k in range(problem.m):
-        model.qc[k].value = problem.qc[k].cpu().numpy()
+        model.qc[k].value = qc_host[k]
     if problem.m:
         model.thresholds.value = problem.thresholds
     model.kl_bound.value = problem.kl_bound
@@ -648,6 +908,8 @@ def solve_dual(
             barriers; when other processes (e.g. env runners) load the cores,
             each barrier can wait a scheduler slice (measured on 2 busy cores,
             B=256, K=32: 250 ms per Newton solve with 2 threads, 3 ms with 1).
+            CPU problems of up to ``_HOST_MAX_PAIRS`` pairs are solved with
+            numpy, single-threaded, and leave the setting alone.
 
     Returns:
         An ``EStepResult``.
@@ -675,16 +937,14 @@ def solve_dual(
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {cpu_threads!r}")
     q, qc, kl_bound, thresholds = _check_inputs(q, qc, kl_bound, thresholds)
     m = qc.shape[0]
+    # _HostDualProblem's few torch ops run single-threaded anyway (see _HOST_MAX_PAIRS)
+    threads = cpu_threads if q.device.type == "cpu" and not _use_host(q) else None
 
-    with torch.no_grad(), _intra_op_threads(cpu_threads if q.device.type == "cpu" else None):
+    with torch.no_grad(), _intra_op_threads(threads):
         active = np.flatnonzero(np.isfinite(thresholds))  # constraints that enter the program
-        qc_active = qc if len(active) == m else qc[torch.as_tensor(active, device=qc.device)]
-        problem = _DualProblem(
-            q.detach().to(torch.float64), qc_active.detach().to(torch.float64),
-            kl_bound, thresholds[active],
-        )
-        lower = np.concatenate([[eta_min], np.zeros(len(active))])
-        upper = np.concatenate([[np.inf], np.full(len(active), lambda_max)])
+        problem, qc_all = _build_problem(q, qc, kl_bound, thresholds, active)
+        lower = [eta_min] + [0.0] * len(active)
+        upper = [math.inf] + [lambda_max] * len(active)
 
         used, fallback, message, backend_status = solver, False, "", ""
         final = None
@@ -694,31 +954,35 @@ def solve_dual(
             )
             if x is not None:
                 x = np.clip(x, lower, upper)
-                final, status = problem.evaluate(x[0], x[1:]), STATUS_CONVERGED
+                final, status = problem.evaluate(float(x[0]), x[1:]), STATUS_CONVERGED
             else:
                 logger.warning("E-step: %s; falling back to the Newton solver", message)
                 used, fallback = "newton", True
         if final is None:
-            eta0, lambdas0 = _initial_point(problem.q, m, kl_bound, init)
-            x0 = np.concatenate([[eta0], np.zeros(len(active)) if lambdas0 is None
-                                 else lambdas0[active]])
+            eta0, lambdas0 = _initial_point(problem, m, kl_bound, init)
+            x0 = [eta0, *([0.0] * len(active) if lambdas0 is None else lambdas0[active].tolist())]
             final, iterations, status = _solve_newton(problem, x0, lower, upper, max_iter, tol)
             if not fallback:
                 backend_status = status
 
-        infeasible = tuple(int(active[k]) for k in np.flatnonzero(final.lambdas >= lambda_max))
+        final_lambdas = list(zip(active.tolist(), final.lambdas.tolist()))
+        infeasible = tuple(k for k, lam in final_lambdas if lam >= lambda_max)
         if infeasible:
             status = STATUS_INFEASIBLE
         if fallback:
             status = FALLBACK_PREFIX + status
 
-        lambdas = np.zeros(m)
-        lambdas[active] = final.lambdas
-        expected_costs = torch.einsum("bk,mbk->m", final.weights, qc.to(torch.float64)) / q.shape[0]
+        lambdas = [0.0] * m
+        for k, lam in final_lambdas:
+            lambdas[k] = lam
+        if len(active) == m:  # the evaluation has them all
+            expected_costs = final.expected_costs
+        else:
+            expected_costs = problem.expected_costs(final.weights, qc_all)
         result = EStepResult(
-            eta=torch.tensor(final.eta, dtype=q.dtype, device=q.device),
-            lambdas=torch.tensor(lambdas, dtype=q.dtype, device=q.device),
-            weights=final.weights.to(q.dtype),
+            eta=problem.to_tensor(final.eta, q.dtype),
+            lambdas=problem.to_tensor(lambdas, q.dtype),
+            weights=problem.weights_as(final.weights, q.dtype),
             objective=float(final.objective),
             iterations=int(iterations),
             solve_time=0.0,
@@ -726,7 +990,7 @@ def solve_dual(
             solver=used,
             fallback=fallback,
             kl=float(final.kl),
-            expected_costs=expected_costs.to(q.dtype),
+            expected_costs=problem.to_tensor(expected_costs, q.dtype),
             infeasible_constraints=infeasible,
             backend_status=backend_status,
             message=message,
