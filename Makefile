@@ -52,6 +52,8 @@ train: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/estep.py --quick
 	$(PY) benchmarks/env_speed.py
+	$(PY) benchmarks/learner.py --threads 1
+	$(PY) benchmarks/learner.py --reward-critics 2 --threads 1
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/throughput.py --quick
 

@@ -96,7 +96,8 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="SafetyPointGoal1-v0")
-    p.add_argument("--runners", default=None, help="comma list (default 1..cores-1, at least 1)")
+    p.add_argument("--runners", default=None,
+                   help="comma list (default: 1..cores-1 end to end, 1..cores sampling only)")
     p.add_argument("--seconds", type=float, default=60.0, help="timed window per run")
     p.add_argument("--intensity", type=float, default=0.2)
     p.add_argument("--envs-per-runner", type=int, default=4,
@@ -111,18 +112,21 @@ def main() -> None:
     if args.quick:
         args.seconds = 20.0
     cores = os.cpu_count() or 1
-    runners = (
-        [int(x) for x in args.runners.split(",")]
-        if args.runners
-        else list(range(1, max(cores - 1, 1) + 1))
-    )
+    if args.runners:
+        runners = sampling_runners = [int(x) for x in args.runners.split(",")]
+    else:
+        # end to end, the learner needs a core of its own; sampling only, the
+        # driver idles and every core can run an EnvRunner
+        runners = list(range(1, max(cores - 1, 1) + 1))
+        sampling_runners = list(range(1, cores + 1))
     import ray
 
-    ray.init(num_cpus=max(cores, max(runners) + 1), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(cores, max(sampling_runners) + 1), include_dashboard=False,
+             log_to_driver=False)
     ceiling = raw_env_rate(args.env, 5.0 if args.quick else 10.0)
     results = []
-    for learn in (True, False):
-        for n in runners:
+    for learn, counts in ((True, runners), (False, sampling_runners)):
+        for n in counts:
             res = run(args.env, n, args.seconds, args.intensity, learn, args)
             print(json.dumps(res), flush=True)
             results.append(res)
