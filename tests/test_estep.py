@@ -252,7 +252,8 @@ def assert_same_result(a, b, rtol=1e-10):
 
 HOST_CASES = [(0, 32, 16, 0, "none"), (1, 256, 16, 1, "active"), (2, 256, 32, 1, "active"),
               (3, 64, 16, 2, "active"), (4, 64, 16, 2, "mixed"), (5, 32, 8, 2, "infeasible"),
-              (6, 16, 64, 1, "inactive"), (7, 8, 4, 1, "active")]
+              (6, 16, 64, 1, "inactive"), (7, 8, 4, 1, "active"),
+              (8, 256, 48, 2, "active")]  # above _BLAS_DOT_MAX pairs: no BLAS dots
 
 
 @pytest.mark.parametrize("seed, B, K, m, regime", HOST_CASES)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import operator
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -324,8 +325,7 @@ class _DualProblem:
         so every statistic comes from q-weighted sums of F: per-state means (for
         the covariances) and their totals.
         """
-        lambdas = np.asarray(lambdas, dtype=np.float64)
-        lams = lambdas.tolist()
+        lams = [float(v) for v in lambdas]
         m, F = self.m, self.features
         z = torch.mul(F[1], 1.0 / eta, out=self.z)  # (B, K)  A~ / eta
         for k, lam in enumerate(lams):
@@ -347,10 +347,10 @@ class _DualProblem:
         hessian = cov[self.hessian_index[:, None], self.hessian_index] / eta
         kl = float(mean_f[0])  # (1/B) sum_i KL(q_i || uniform)
         expected_costs = mean_f[2:] + self.cost_offsets  # (m,) (1/B) sum_i E_q[Qc^k]
-        eta_log_partition = float(mean_f[1]) - float(lambdas @ mean_f[2:]) - eta * kl
+        eta_log_partition = float(mean_f[1]) - _dot(lams, mean_f[2:].tolist()) - eta * kl
         centred = eta * self.kl_bound + _dot(lams, self.thresholds_centred) + eta_log_partition
         return _Evaluation(
-            eta=eta, lambdas=lambdas, objective=self.objective_offset + centred, centred=centred,
+            eta=eta, lambdas=lams, objective=self.objective_offset + centred, centred=centred,
             gradient=[self.kl_bound - kl, *(self.thresholds - expected_costs).tolist()],
             hessian=hessian.tolist(), kl=kl, expected_costs=expected_costs.tolist(),
             weights=weights,
@@ -360,7 +360,7 @@ class _DualProblem:
 @dataclass
 class _Evaluation:
     eta: float
-    lambdas: np.ndarray  # (m,)
+    lambdas: list[float]  # (m,)
     objective: float  # g
     centred: float  # g - mean(Q): g~, free of the (shift-dependent) offset
     gradient: list[float]  # (1+m,)
@@ -372,17 +372,21 @@ class _Evaluation:
 
 def _dot(a: Sequence[float], b: Sequence[float]) -> float:
     """sum_k a_k b_k in Python floats (for the (m,) vectors: cheaper than a numpy call)."""
-    return sum(x * y for x, y in zip(a, b))
+    return sum(map(operator.mul, a, b))
 
+
+# ndarray.sum / .max without their Python-level wrappers (numpy._core._methods)
+_sum, _max = np.add.reduce, np.maximum.reduce
 
 # torch dtypes that numpy holds exactly (bfloat16 is converted through torch).
 _HOST_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-# Largest B*K solved by _HostDualProblem on CPU. Up to here the few torch ops it
-# uses (exp, dtype conversions) run single-threaded whatever torch's thread
-# setting (at::internal::GRAIN_SIZE = 32768 elements), and numpy's lower per-call
-# overhead outweighs torch's faster kernels; larger CPU problems, and every
-# problem on another device, go through _DualProblem.
-_HOST_MAX_PAIRS = 16384
+# Largest B*K solved by _HostDualProblem on CPU: up to here the few torch ops it
+# uses (exp, dtype conversions) run single-threaded whatever torch's thread setting
+# (at::internal::GRAIN_SIZE = 32768 elements). It is the faster evaluation at every
+# size measured (1.5-1.8x over _DualProblem from B*K = 4096 to 65536, 1 or 2 torch
+# threads); larger CPU problems, and every problem on another device, go through
+# _DualProblem.
+_HOST_MAX_PAIRS = 32768
 
 
 # Longest vectors handed to BLAS's dot (OpenBLAS's ddot stays single-threaded up to
@@ -398,10 +402,14 @@ def _use_host(q: torch.Tensor) -> bool:
 
 def _host_array(tensor: torch.Tensor) -> np.ndarray:
     """A CPU tensor's data as a numpy array (a view, unless its dtype has no numpy twin)."""
-    tensor = tensor.detach().resolve_neg()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if tensor.dtype not in _HOST_DTYPES:
         tensor = tensor.to(torch.float64)
-    return tensor.numpy()
+    try:
+        return tensor.numpy()
+    except RuntimeError:  # a lazily negated view (torch._neg_view)
+        return tensor.resolve_neg().numpy()
 
 
 class _HostDualProblem:
@@ -411,13 +419,13 @@ class _HostDualProblem:
     the same q-weighted sums of the same features, F = (log(K q), Qc~^1, ...,
     Qc~^m, Q~) (ordered so that the ones entering the Hessian come first). In
     the learner B*K is a few thousand and an evaluation is ~20 elementwise ops
-    and reductions, so its cost is per-call overhead: ~1 us per numpy call
-    against ~5-10 us per torch op. Arrays are stored transposed, (K, B), so
-    that the per-state reductions over the K samples run along the leading axis
+    and reductions, so per-call overhead dominates, and a numpy call costs
+    about a third of a torch op. Arrays are stored transposed, (K, B), so that
+    the per-state reductions over the K samples run along the leading axis
     (contiguous and vectorised over states). It uses numpy ufuncs, einsum, BLAS
-    dot products only below OpenBLAS's threading threshold, and torch's exp
-    below its parallel grain size: single-threaded whatever the BLAS or torch
-    thread settings.
+    products only below OpenBLAS's threading thresholds, and torch's exp below
+    its parallel grain size: single-threaded whatever the BLAS or torch thread
+    settings.
 
     Args:
         q: (B, K) reward-critic values, a host array of any float dtype (kept
@@ -442,15 +450,23 @@ class _HostDualProblem:
         F = self.features = np.empty((h + 1, self.K, self.B))
         F[1:h] = qc.swapaxes(1, 2)  # one pass: transpose and convert to float64
         F[h] = q.T
-        row_means = F[1:].sum(axis=1, keepdims=True) / self.K  # (h, 1, B)  mean_j
-        F[1:] -= row_means
-        *cost_offsets, self.objective_offset = (row_means.sum(axis=(1, 2)) / self.B).tolist()
+        row_means = np.add.reduce(F[1:], axis=1, keepdims=True) / self.K  # (h, 1, B)  mean_j
+        offsets = (np.add.reduce(row_means, axis=(1, 2)) / self.B).tolist()
+        # A NaN or inf entry makes its row's sum, and so its offset, NaN or inf:
+        # such data is rejected (see _build_problem) and left uncentred.
+        self.finite = all(map(math.isfinite, offsets))
+        if self.finite:
+            F[1:] -= row_means
+        *cost_offsets, self.objective_offset = offsets
         self.cost_offsets = cost_offsets  # (m,) mean_ij Qc^k; objective_offset: mean_ij Q
         self.thresholds_centred = [t - c for t, c in zip(thresholds.tolist(), cost_offsets)]
         self.z = np.empty((self.K, self.B))  # buffer for A~ / eta
         self.z_torch = torch.from_numpy(self.z)  # the same memory, for torch.exp
-        # OpenBLAS runs a dot product of more than 10000 entries on several threads
+        self.q_shifted = None  # (K, B) Q~ - max_j Q~, once needed
+        # OpenBLAS runs a dot product of more than 10000 entries, and a matrix product
+        # of more than 262144 multiply-adds, on several threads
         self.blas_dot = self.K * self.B <= _BLAS_DOT_MAX
+        self.blas_outer = self.blas_dot and h * h * self.B <= 65536
 
     def host_data(self) -> tuple[np.ndarray, np.ndarray]:
         """(Q (B, K), Qc (m, B, K)) as float64 host arrays (for cvxpy)."""
@@ -486,35 +502,44 @@ class _HostDualProblem:
 
         The returned weights are (K, B) (``weights_as`` turns them into q's layout).
         """
-        lambdas = np.asarray(lambdas, dtype=np.float64)
-        lams = lambdas.tolist()
+        lams = [float(v) for v in lambdas]
         h, F, B = self.m + 1, self.features, self.B
-        z = np.multiply(F[h], 1.0 / eta, out=self.z)  # (K, B)  A~ / eta
-        for k, lam in enumerate(lams):
-            if lam != 0.0:
-                z -= F[1 + k] * (lam / eta)
-        z -= z.max(axis=0)  # (K, B)  each state's largest z is 0
+        # (K, B)  z = A~ / eta shifted so that each state's largest z is 0
+        if any(lams):
+            z = np.multiply(F[h], 1.0 / eta, out=self.z)
+            for k, lam in enumerate(lams):
+                if lam != 0.0:
+                    z -= F[1 + k] * (lam / eta)
+            z -= _max(z, axis=0)
+        else:  # A~ = Q~: shift Q~ once instead of z at every evaluation
+            if self.q_shifted is None:
+                self.q_shifted = F[h] - _max(F[h], axis=0)
+            z = np.multiply(self.q_shifted, 1.0 / eta, out=self.z)
         # (K, B)  K q up to a per-state factor (torch's vectorised exp is 2-3x numpy's)
-        weights = np.empty_like(z)
-        torch.exp(self.z_torch, out=torch.from_numpy(weights))
-        total = weights.sum(axis=0)  # (B,)
+        weights = torch.exp(self.z_torch).numpy()
+        total = _sum(weights, axis=0)  # (B,)
         np.subtract(z, np.log(total) - self.log_k, out=F[0])  # (K, B)  log(K q)
         weights /= total  # (K, B)  q
-        weighted = F * weights  # (h+1, K, B)
-        means = weighted.sum(axis=1)  # (h+1, B)  E_{q_i}[F]
-        # sum_ij q_ij F_a F_b and sum_i E_qi[F_a] E_qi[F_b] over the Hessian's features
-        if self.blas_dot:  # (for h = 2: 6 BLAS dot products, ~1 us each)
+        weighted = F[:h] * weights  # (h, K, B)
+        means = _sum(weighted, axis=1)  # (h, B)  E_{q_i}[F]
+        # sum_ij q_ij F_a F_b and sum_i E_qi[F_a] E_qi[F_b] over the Hessian's features,
+        # and sum_ij q_ij Q~_ij
+        if self.blas_dot:  # (for h = 2: 4 BLAS dot products and one tiny matrix product)
             second = [[0.0] * h for _ in range(h)]
-            outer = [[0.0] * h for _ in range(h)]
             for a in range(h):
                 for c in range(a, h):
                     second[a][c] = second[c][a] = float(np.vdot(weighted[a], F[c]))
-                    outer[a][c] = outer[c][a] = float(np.vdot(means[a], means[c]))
+            reward = float(np.vdot(weights, F[h]))
         else:
-            second = np.einsum("akb,ckb->ac", weighted[:h], F[:h]).tolist()
-            outer = np.einsum("ab,cb->ac", means[:h], means[:h]).tolist()
+            second = np.einsum("akb,ckb->ac", weighted, F[:h]).tolist()
+            reward = float(np.einsum("kb,kb->", weights, F[h]))
+        if self.blas_outer:
+            outer = (means @ means.T).tolist()
+        else:
+            outer = np.einsum("ab,cb->ac", means, means).tolist()
         # the rest is O(m^2) scalar work, in Python floats
-        kl, *mean_costs, mean_reward = (means.sum(axis=1) / B).tolist()  # (1/B) sum_i E_qi[F]
+        kl, *mean_costs = (_sum(means, axis=1) / B).tolist()  # (1/B) sum_i E_qi[F]
+        mean_reward = reward / B
         # (1/B) sum_i Cov_{q_i}(log Kq, Qc~) / eta
         hessian = [[(s / B - o / B) / eta for s, o in zip(s_row, o_row)]
                    for s_row, o_row in zip(second, outer)]
@@ -522,7 +547,7 @@ class _HostDualProblem:
         eta_log_partition = mean_reward - _dot(lams, mean_costs) - eta * kl
         centred = eta * kl_bound + _dot(lams, thresholds_centred) + eta_log_partition
         return _Evaluation(
-            eta=eta, lambdas=lambdas, objective=self.objective_offset + centred, centred=centred,
+            eta=eta, lambdas=lams, objective=self.objective_offset + centred, centred=centred,
             gradient=[kl_bound - kl, *(t - c for t, c in zip(thresholds_centred, mean_costs))],
             hessian=hessian, kl=kl,
             expected_costs=[c + o for c, o in zip(mean_costs, self.cost_offsets)],
@@ -535,6 +560,10 @@ def _solve_small(a: list[list[float]], b: list[float]) -> list[float]:
     (LAPACK's dgesv) in Python floats, which for n <= 4 costs less than one numpy call.
     ``a`` and ``b`` are overwritten."""
     n = len(b)
+    if n == 1:  # (what the elimination below reduces to)
+        if a[0][0] == 0.0:
+            raise np.linalg.LinAlgError("Singular matrix")
+        return [b[0] / a[0][0]]
     for k in range(n):
         pivot_row = max(range(k, n), key=lambda i: abs(a[i][k]))
         if a[pivot_row][k] == 0.0:
@@ -684,6 +713,15 @@ def _count_non_finite(*tensors: torch.Tensor) -> list[int]:
     return torch.stack([(~torch.isfinite(t)).sum() for t in tensors]).tolist()
 
 
+def _raise_if_non_finite(q: torch.Tensor, qc: torch.Tensor) -> None:
+    for name, tensor, bad in zip(("q", "qc"), (q, qc), _count_non_finite(q, qc)):
+        if bad:
+            raise ValueError(
+                f"{name} has {bad} non-finite entries (NaN or inf) out of {tensor.numel()}; "
+                "check the critics' outputs"
+            )
+
+
 def _intra_op_threads(threads: int | None) -> contextlib.AbstractContextManager[None]:
     """Temporarily set torch's intra-op thread count (process-wide); None: leave it."""
     if threads is None or threads == torch.get_num_threads():
@@ -703,7 +741,9 @@ def _set_intra_op_threads(threads: int) -> Iterator[None]:
 
 def _check_inputs(
     q: Any, qc: Any, kl_bound: Any, thresholds: Any
-) -> tuple[torch.Tensor, torch.Tensor, float, np.ndarray]:
+) -> tuple[torch.Tensor, torch.Tensor, float, np.ndarray, bool]:
+    """Validated (q, qc, kl_bound, thresholds as float64 array, whether to solve on the
+    host with numpy); non-finite q / qc of host problems are caught by _build_problem."""
     if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] < 1 or q.shape[1] < 1:
         shape = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
         raise ValueError(f"q must be a torch tensor of shape (B, K) with B, K >= 1, got {shape}")
@@ -717,12 +757,9 @@ def _check_inputs(
         raise ValueError(f"qc must be a torch tensor of shape (m, B, K) = (m, {B}, {K}), got {shape}")
     if qc.device != q.device:
         raise ValueError(f"q and qc must be on the same device, got {q.device} and {qc.device}")
-    for name, tensor, bad in zip(("q", "qc"), (q, qc), _count_non_finite(q, qc)):
-        if bad:
-            raise ValueError(
-                f"{name} has {bad} non-finite entries (NaN or inf) out of {tensor.numel()}; "
-                "check the critics' outputs"
-            )
+    host = _use_host(q)
+    if not host:  # else _build_problem checks while converting the data
+        _raise_if_non_finite(q, qc)
     kl_bound = _as_float(kl_bound, "kl_bound")
     if not (kl_bound > 0 and math.isfinite(kl_bound)):
         raise ValueError(f"kl_bound must be a finite number > 0 (nats), got {kl_bound!r}")
@@ -732,11 +769,11 @@ def _check_inputs(
             f"thresholds must have one entry per cost critic (m = {qc.shape[0]}), "
             f"got {thresholds.shape[0]}"
         )
-    if not (thresholds > -np.inf).all():  # NaN or -inf
+    if not all(t > -math.inf for t in thresholds.tolist()):  # NaN or -inf
         raise ValueError(
             f"thresholds must be real numbers or +inf (inactive constraint), got {thresholds}"
         )
-    return q, qc, kl_bound, thresholds
+    return q, qc, kl_bound, thresholds, host
 
 
 def _initial_point(
@@ -744,7 +781,7 @@ def _initial_point(
     m: int,
     kl_bound: float,
     init: EStepResult | tuple[Any, Any] | None,
-) -> tuple[float, np.ndarray | None]:
+) -> tuple[float, list[float] | None]:
     """eta0, lambda0 (None: zeros). Without a warm start, eta0 matches the KL bound
     to second order at lambda = 0: KL ~= Var_uniform(Q) / (2 eta^2)."""
     if init is None:
@@ -757,10 +794,13 @@ def _initial_point(
         except (TypeError, ValueError) as err:
             raise TypeError("init must be an EStepResult or a pair (eta, lambdas)") from err
     eta = _as_float(eta, "init eta")
-    lambdas = _as_host_vector(lambdas, "init lambdas")
-    if lambdas.shape[0] != m:
-        raise ValueError(f"init lambdas must have m = {m} entries, got {lambdas.shape[0]}")
-    if not (math.isfinite(eta) and np.isfinite(lambdas).all()):
+    if isinstance(lambdas, torch.Tensor):
+        lambdas = [float(v) for v in (lambdas if lambdas.dim() == 1 else lambdas.reshape(-1)).tolist()]
+    else:
+        lambdas = _as_host_vector(lambdas, "init lambdas").tolist()
+    if len(lambdas) != m:
+        raise ValueError(f"init lambdas must have m = {m} entries, got {len(lambdas)}")
+    if not (math.isfinite(eta) and all(map(math.isfinite, lambdas))):
         raise ValueError(f"init must be finite, got eta={eta}, lambdas={lambdas}")
     return eta, lambdas
 
@@ -783,28 +823,35 @@ def dual_objective(
         eta: temperature (> 0).
         lambdas: (m,) multipliers.
     """
-    q, qc, kl_bound, thresholds = _check_inputs(q, qc, kl_bound, thresholds)
+    q, qc, kl_bound, thresholds, host = _check_inputs(q, qc, kl_bound, thresholds)
     lambdas = _as_host_vector(lambdas, "lambdas")
     active = np.isfinite(thresholds)
     if (lambdas[~active] != 0).any():
         raise ValueError("lambdas of inactive constraints (threshold inf) must be 0")
     with torch.no_grad():
-        problem, _ = _build_problem(q, qc, kl_bound, thresholds, np.flatnonzero(active))
+        problem, _ = _build_problem(q, qc, kl_bound, thresholds, np.flatnonzero(active).tolist(),
+                                    host)
         return float(problem.evaluate(float(eta), lambdas[active]).objective)
 
 
 def _build_problem(
-    q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray, active: np.ndarray
+    q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray, active: list[int],
+    host: bool,
 ) -> tuple[_DualProblem | _HostDualProblem, torch.Tensor | np.ndarray]:
     """The dual over the ``active`` constraints, and all m of qc for the problem's
     ``expected_costs`` (an (m, B, K) host array, or a float64 tensor on q's device)."""
     m = qc.shape[0]
-    if _use_host(q):
+    if host:
         qc_all = _host_array(qc)  # (m, B, K), a view of qc's data
         qc_active = qc_all if len(active) == m else qc_all[active]
-        return _HostDualProblem(_host_array(q), qc_active, kl_bound, thresholds[active]), qc_all
+        problem = _HostDualProblem(_host_array(q), qc_active, kl_bound, thresholds[active])
+        if not (problem.finite and (
+                len(active) == m or np.isfinite(np.delete(qc_all, active, axis=0)).all())):
+            _raise_if_non_finite(q, qc)
+        return problem, qc_all
     qc_all = qc.detach().to(torch.float64)  # (m, B, K)
-    qc_active = qc_all if len(active) == m else qc_all[torch.as_tensor(active, device=qc.device)]
+    qc_active = qc_all if len(active) == m else qc_all[
+        torch.as_tensor(active, dtype=torch.long, device=qc.device)]
     problem = _DualProblem(q.detach().to(torch.float64), qc_active, kl_bound, thresholds[active])
     return problem, qc_all
 
@@ -935,14 +982,16 @@ def solve_dual(
         isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
     ):
         raise ValueError(f"cpu_threads must be None or an integer >= 1, got {cpu_threads!r}")
-    q, qc, kl_bound, thresholds = _check_inputs(q, qc, kl_bound, thresholds)
+    q, qc, kl_bound, thresholds, host = _check_inputs(q, qc, kl_bound, thresholds)
     m = qc.shape[0]
-    # _HostDualProblem's few torch ops run single-threaded anyway (see _HOST_MAX_PAIRS)
-    threads = cpu_threads if q.device.type == "cpu" and not _use_host(q) else None
+    # The numpy path needs no autograd guard, and its few torch ops run single-threaded
+    # whatever the thread setting (see _HOST_MAX_PAIRS).
+    threads = cpu_threads if q.device.type == "cpu" and not host else None
 
-    with torch.no_grad(), _intra_op_threads(threads):
-        active = np.flatnonzero(np.isfinite(thresholds))  # constraints that enter the program
-        problem, qc_all = _build_problem(q, qc, kl_bound, thresholds, active)
+    with contextlib.nullcontext() if host else torch.no_grad(), _intra_op_threads(threads):
+        # the constraints that enter the program (thresholds are < inf or inf)
+        active = [k for k, t in enumerate(thresholds.tolist()) if t < math.inf]
+        problem, qc_all = _build_problem(q, qc, kl_bound, thresholds, active, host)
         lower = [eta_min] + [0.0] * len(active)
         upper = [math.inf] + [lambda_max] * len(active)
 
@@ -960,12 +1009,12 @@ def solve_dual(
                 used, fallback = "newton", True
         if final is None:
             eta0, lambdas0 = _initial_point(problem, m, kl_bound, init)
-            x0 = [eta0, *([0.0] * len(active) if lambdas0 is None else lambdas0[active].tolist())]
+            x0 = [eta0, *(0.0 if lambdas0 is None else lambdas0[k] for k in active)]
             final, iterations, status = _solve_newton(problem, x0, lower, upper, max_iter, tol)
             if not fallback:
                 backend_status = status
 
-        final_lambdas = list(zip(active.tolist(), final.lambdas.tolist()))
+        final_lambdas = list(zip(active, final.lambdas))
         infeasible = tuple(k for k, lam in final_lambdas if lam >= lambda_max)
         if infeasible:
             status = STATUS_INFEASIBLE
