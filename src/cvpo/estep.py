@@ -315,8 +315,11 @@ class _DualProblem:
             return value.to(dtype)
         return torch.tensor(value, dtype=dtype, device=self.q.device)
 
-    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray) -> _Evaluation:
+    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray,
+                 reuse: _Evaluation | None = None) -> _Evaluation:
         """g, grad g, Hessian of g and q at (eta, lambdas), with one device-to-host copy.
+
+        (``reuse`` is for ``_HostDualProblem.evaluate``'s signature; unused here.)
 
         Since z_ij - log(K q_ij) = log((1/K) sum_j' exp z_ij') for every j and
         z = A~/eta is linear in (Q~, Qc~),
@@ -389,12 +392,6 @@ _HOST_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.floa
 _HOST_MAX_PAIRS = 32768
 
 
-# Longest vectors handed to BLAS's dot (OpenBLAS's ddot stays single-threaded up to
-# 10000 entries; beyond, it wakes its thread pool, which on busy cores can wait a
-# scheduler slice); longer ones go through np.einsum (no BLAS).
-_BLAS_DOT_MAX = 8192
-
-
 def _use_host(q: torch.Tensor) -> bool:
     """Whether (B, K) q is solved with _HostDualProblem (numpy) rather than _DualProblem."""
     return q.device.type == "cpu" and q.shape[0] * q.shape[1] <= _HOST_MAX_PAIRS
@@ -422,10 +419,9 @@ class _HostDualProblem:
     and reductions, so per-call overhead dominates, and a numpy call costs
     about a third of a torch op. Arrays are stored transposed, (K, B), so that
     the per-state reductions over the K samples run along the leading axis
-    (contiguous and vectorised over states). It uses numpy ufuncs, einsum, BLAS
-    products only below OpenBLAS's threading thresholds, and torch's exp below
-    its parallel grain size: single-threaded whatever the BLAS or torch thread
-    settings.
+    (contiguous and vectorised over states). It uses numpy ufuncs (no BLAS) and
+    torch's exp below its parallel grain size: single-threaded whatever the BLAS
+    or torch thread settings.
 
     Args:
         q: (B, K) reward-critic values, a host array of any float dtype (kept
@@ -462,11 +458,9 @@ class _HostDualProblem:
         self.thresholds_centred = [t - c for t, c in zip(thresholds.tolist(), cost_offsets)]
         self.z = np.empty((self.K, self.B))  # buffer for A~ / eta
         self.z_torch = torch.from_numpy(self.z)  # the same memory, for torch.exp
+        self.weighted = np.empty((h + 1, self.K, self.B))  # buffers for q * F ...
+        self.products = np.empty((h, h, self.K, self.B))  # ... and q * F[:h] F[:h]
         self.q_shifted = None  # (K, B) Q~ - max_j Q~, once needed
-        # OpenBLAS runs a dot product of more than 10000 entries, and a matrix product
-        # of more than 262144 multiply-adds, on several threads
-        self.blas_dot = self.K * self.B <= _BLAS_DOT_MAX
-        self.blas_outer = self.blas_dot and h * h * self.B <= 65536
 
     def host_data(self) -> tuple[np.ndarray, np.ndarray]:
         """(Q (B, K), Qc (m, B, K)) as float64 host arrays (for cvxpy)."""
@@ -497,10 +491,13 @@ class _HostDualProblem:
             return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype)
         return torch.from_numpy(np.array(value, dtype=host_dtype))
 
-    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray) -> _Evaluation:
+    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray,
+                 reuse: _Evaluation | None = None) -> _Evaluation:
         """g, grad g, Hessian of g and q at (eta, lambdas); see ``_DualProblem.evaluate``.
 
         The returned weights are (K, B) (``weights_as`` turns them into q's layout).
+        ``reuse``: an earlier evaluation of this problem that is no longer needed;
+        its weights' memory is overwritten with the new ones (saves an allocation).
         """
         lams = [float(v) for v in lambdas]
         h, F, B = self.m + 1, self.features, self.B
@@ -516,33 +513,28 @@ class _HostDualProblem:
                 self.q_shifted = F[h] - _max(F[h], axis=0)
             z = np.multiply(self.q_shifted, 1.0 / eta, out=self.z)
         # (K, B)  K q up to a per-state factor (torch's vectorised exp is 2-3x numpy's)
-        weights = torch.exp(self.z_torch).numpy()
+        if reuse is None:
+            weights = torch.exp(self.z_torch).numpy()
+        else:
+            weights = reuse.weights
+            torch.exp(self.z_torch, out=torch.from_numpy(weights))
         total = _sum(weights, axis=0)  # (B,)
         np.subtract(z, np.log(total) - self.log_k, out=F[0])  # (K, B)  log(K q)
         weights /= total  # (K, B)  q
-        weighted = F[:h] * weights  # (h, K, B)
-        means = _sum(weighted, axis=1)  # (h, B)  E_{q_i}[F]
-        # sum_ij q_ij F_a F_b and sum_i E_qi[F_a] E_qi[F_b] over the Hessian's features,
-        # and sum_ij q_ij Q~_ij
-        if self.blas_dot:  # (for h = 2: 4 BLAS dot products and one tiny matrix product)
-            second = [[0.0] * h for _ in range(h)]
-            for a in range(h):
-                for c in range(a, h):
-                    second[a][c] = second[c][a] = float(np.vdot(weighted[a], F[c]))
-            reward = float(np.vdot(weights, F[h]))
-        else:
-            second = np.einsum("akb,ckb->ac", weighted, F[:h]).tolist()
-            reward = float(np.einsum("kb,kb->", weights, F[h]))
-        if self.blas_outer:
-            outer = (means @ means.T).tolist()
-        else:
-            outer = np.einsum("ab,cb->ac", means, means).tolist()
+        weighted = np.multiply(F, weights, out=self.weighted)  # (h+1, K, B)
+        means = _sum(weighted, axis=1)  # (h+1, B)  E_{q_i}[F]
+        # Cov_{q_i}(F_a, F_b) = E_{q_i}[F_a F_b] - E_{q_i}[F_a] E_{q_i}[F_b] per state
+        # over the Hessian's features, then summed: a state where q_i is one-hot
+        # (to float64 resolution) adds exactly 0
+        products = np.multiply(weighted[:h, None], F[None, :h], out=self.products)
+        covariance = _sum(products, axis=2)  # (h, h, B)
+        covariance -= means[:h, None] * means[None, :h]
+        covariance = _sum(covariance, axis=2).tolist()  # (h, h)
         # the rest is O(m^2) scalar work, in Python floats
-        kl, *mean_costs = (_sum(means, axis=1) / B).tolist()  # (1/B) sum_i E_qi[F]
-        mean_reward = reward / B
+        # (1/B) sum_i E_{q_i}[F]: KL, the centred expected costs and rewards
+        kl, *mean_costs, mean_reward = [v / B for v in _sum(means, axis=1).tolist()]
         # (1/B) sum_i Cov_{q_i}(log Kq, Qc~) / eta
-        hessian = [[(s / B - o / B) / eta for s, o in zip(s_row, o_row)]
-                   for s_row, o_row in zip(second, outer)]
+        hessian = [[v / B / eta for v in row] for row in covariance]
         kl_bound, thresholds_centred = self.kl_bound, self.thresholds_centred
         eta_log_partition = mean_reward - _dot(lams, mean_costs) - eta * kl
         centred = eta * kl_bound + _dot(lams, thresholds_centred) + eta_log_partition
@@ -637,6 +629,7 @@ def _solve_newton(
     kl_bound, thresholds_centred, eta_min = problem.kl_bound, problem.thresholds_centred, lower[0]
     x = [min(max(float(v), lo), up) for v, (lo, up) in zip(x0, bounds)]
     current = problem.evaluate(x[0], x[1:])
+    spare = None  # an evaluation no longer needed, whose memory the next one may reuse
     for iteration in range(max_iter):
         gradient = current.gradient
         # Coordinates held at a bound that the gradient pushes outward stay fixed.
@@ -665,17 +658,18 @@ def _solve_newton(
         while True:
             x_next = [min(max(v - step * d, lo), up)
                       for v, d, (lo, up) in zip(x, direction, bounds)]
-            trial = problem.evaluate(x_next[0], x_next[1:])
+            trial = problem.evaluate(x_next[0], x_next[1:], reuse=spare)
             predicted = _dot(sufficient, [a - b for a, b in zip(x_next, x)])
             if trial.centred <= current.centred + predicted + roundoff:
                 break
+            spare = trial
             step *= 0.5
             if step < _MIN_STEP:
                 # No decrease is representable: the iterate is optimal to round-off.
                 return current, iteration, (
                     STATUS_CONVERGED if decrement <= 1e-8 * scale else STATUS_MAX_ITER
                 )
-        x, current = x_next, trial
+        x, current, spare = x_next, trial, current
     return current, max_iter, STATUS_MAX_ITER
 
 
