@@ -394,7 +394,7 @@ _HOST_MAX_PAIRS = 32768
 
 def _use_host(q: torch.Tensor) -> bool:
     """Whether (B, K) q is solved with _HostDualProblem (numpy) rather than _DualProblem."""
-    return q.device.type == "cpu" and q.shape[0] * q.shape[1] <= _HOST_MAX_PAIRS
+    return q.is_cpu and q.shape[0] * q.shape[1] <= _HOST_MAX_PAIRS
 
 
 def _host_array(tensor: torch.Tensor) -> np.ndarray:
@@ -414,7 +414,9 @@ class _HostDualProblem:
 
     The same g, gradient, Hessian and q up to round-off: the same centring and
     the same q-weighted sums of the same features, F = (log(K q), Qc~^1, ...,
-    Qc~^m, Q~) (ordered so that the ones entering the Hessian come first). In
+    Qc~^m, Q~) (ordered so that the ones entering the Hessian come first), except
+    that each state's covariance E[F_a F_b] - E[F_a] E[F_b] is formed before the
+    sum over states (so that states with a one-hot q add exactly 0). In
     the learner B*K is a few thousand and an evaluation is ~20 elementwise ops
     and reductions, so per-call overhead dominates, and a numpy call costs
     about a third of a torch op. Arrays are stored transposed, (K, B), so that
