@@ -10,6 +10,11 @@ update, E-step (critic evaluation / dual solve), M-step and target update is
 measured by timing the same math outside RLlib on the same data; the rest of
 an update is RLlib overhead (batch conversion, metrics).
 
+The reference's 120 updates/s was measured once on a VM whose speed drifts, so
+the script also times ``reference_style.py`` (the same work per update written
+straightforwardly in plain PyTorch) in the same process, and reports our
+updates/s as a ratio to it, with the machine's current matmul rate.
+
 Prints one JSON document as its last line.
 """
 
@@ -23,6 +28,8 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_batch(rng, n, obs_dim, act_dim, m):
@@ -118,6 +125,20 @@ def build_learner(args, learner_class=None):
     return config, config.build_learner(env=None, spaces=spaces)
 
 
+def _gemm_gflops() -> float:
+    """This core's speed right now: a 4096x128 @ 128x128 float32 matmul (the E-step's
+    hidden layer for one critic), median of 50. The VM's rate drifts (37-67
+    GFLOPS measured on the same day), so absolute updates/s are only comparable
+    together with it."""
+    x, w = torch.randn(4096, 128), torch.randn(128, 128)
+    times = []
+    for _ in range(60):
+        t0 = time.perf_counter()
+        torch.mm(x, w)
+        times.append(time.perf_counter() - t0)
+    return 2 * 4096 * 128 * 128 / sorted(times[10:])[25] / 1e9
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
@@ -168,6 +189,13 @@ def main():
         return float(v)
 
     per_update = elapsed / updates
+    # the same work written straightforwardly, timed right after ours in this process
+    from reference_style import updates_per_s as reference_style_updates_per_s
+
+    ref_style = reference_style_updates_per_s(
+        seconds=3.0 if args.calls <= 10 else 6.0, obs_dim=args.obs_dim, act_dim=args.act_dim,
+        batch=B, K=args.K,
+    ) if args.device == "cpu" else float("nan")
     eval_s, solve_s = peek("estep_critic_eval_time_s"), peek("estep_solve_time_s")
     shares = profile_shares(one_call, updates_per_call=U, calls=max(3, args.calls // 3))
     out = {
@@ -183,6 +211,9 @@ def main():
         "reference_updates_per_s": 120.0,
         "ratio_vs_reference": round(ups / 120.0, 2),
         "ms_per_update": round(1000 * per_update, 3),
+        "reference_style_updates_per_s": round(ref_style, 1),
+        "ratio_vs_reference_style_same_process": round(ups / ref_style, 2),
+        "matmul_gflops_4096x128x128": round(_gemm_gflops(), 1),
         "estep_critic_eval_ms": round(1000 * eval_s, 3),
         "estep_dual_solve_ms": round(1000 * solve_s, 3),
         "estep_share": round((eval_s + solve_s) / per_update, 3),
