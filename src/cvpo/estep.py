@@ -599,8 +599,13 @@ def _newton_direction(gradient: Sequence[float], hessian: Sequence[Sequence[floa
             curved.append(i)
         else:
             step = x[i] - lower[i] if gradient[i] > 0 else x[i] - upper[i]
-            # no finite bound in the descent direction: no step
-            direction[i] = step if math.isfinite(step) else 0.0
+            if not math.isfinite(step):
+                # No finite bound in the descent direction: only eta (upper bound
+                # inf), flat where q is one-hot in every state (eta far too small,
+                # e.g. a warm start from a collapsed eta). Grow it by the step-ratio
+                # cap; the Armijo search shortens the step if that overshoots.
+                step = x[i] * (1.0 - _ETA_STEP_RATIO) if x[i] > 0 else 0.0
+            direction[i] = step
     if curved:
         scale = [1.0 / math.sqrt(hessian[i][i]) for i in curved]
         scaled = [[hessian[i][j] * (s_i * s_j) for j, s_j in zip(curved, scale)]
