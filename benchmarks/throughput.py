@@ -41,7 +41,8 @@ def raw_env_rate(env_id: str, seconds: float) -> float:
     return rate
 
 
-def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool, args) -> dict:
+def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool, args,
+        async_sampling: bool | None = None) -> dict:
     from rllib_ext.cvpo import CVPOConfig
     from rllib_ext.cvpo import metrics as M
 
@@ -62,7 +63,7 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
             num_steps_sampled_before_learning_starts=1000,
             updates_per_learner_call=args.updates_per_call,
             num_reward_critics=args.reward_critics,
-            async_sampling=not args.sync,
+            async_sampling=(not args.sync) if async_sampling is None else async_sampling,
         )
         .debugging(seed=0)
     )
@@ -87,6 +88,7 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
     return {
         "runners": runners,
         "learn": learn,
+        "async_sampling": bool(cfg.async_sampling),
         "env_steps_per_s": round(steps / dt, 1),
         "updates_per_s": round(updates / dt, 1),
         "seconds": round(dt, 1),
@@ -130,6 +132,12 @@ def main() -> None:
             res = run(args.env, n, args.seconds, args.intensity, learn, args)
             print(json.dumps(res), flush=True)
             results.append(res)
+    # the same-run baseline of the overlap: 1 runner, sample-then-update in lockstep
+    lockstep = None
+    if not args.sync:
+        lockstep = run(args.env, runners[0], args.seconds, args.intensity, True, args,
+                       async_sampling=False)
+        print(json.dumps(lockstep), flush=True)
     ray.shutdown()
 
     def eff(rows):
@@ -153,6 +161,9 @@ def main() -> None:
         "scaling_efficiency_end_to_end": eff(e2e),
         "scaling_efficiency_sampling_only": eff(sampling),
         "best_env_steps_per_s": best,
+        "lockstep_sampling_end_to_end": lockstep,
+        "async_over_lockstep": None if lockstep is None else round(
+            e2e[0]["env_steps_per_s"] / lockstep["env_steps_per_s"], 2),
         "reference_env_steps_per_s": 185.0,
         "ratio_vs_reference": round(best / 185.0, 2),
         "note": "efficiency beyond cores-1 runners is bounded by the cores left for the learner",
