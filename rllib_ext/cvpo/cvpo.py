@@ -294,6 +294,7 @@ def episode_to_chunk(episode, cost_keys: Sequence[str]) -> EpisodeChunk:
 
 _SAMPLE_TAG = "cvpo_sample"
 _POLL_S = 0.01  # seconds between checks for finished sample requests
+_UNHEALTHY_WAIT_S = 0.2  # pause when every remote EnvRunner is down
 
 
 def _sample_with_metrics(env_runner):
@@ -375,7 +376,10 @@ class CVPO(Algorithm):
             if deadline is not None and time.monotonic() > deadline:
                 break
             if group.num_healthy_remote_workers() == 0:
-                break  # nothing can come back until Algorithm.step restores runners
+                # nothing can come back until the training loop restores runners;
+                # don't spin while they restart
+                time.sleep(_UNHEALTHY_WAIT_S)
+                break
             results = group.foreach_env_runner_async_fetch_ready(
                 func=_sample_with_metrics, tag=_SAMPLE_TAG, timeout_seconds=_POLL_S
             )
