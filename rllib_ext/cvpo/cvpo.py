@@ -3,7 +3,8 @@
 Data flow of one ``training_step``:
 
 1. sample episode chunks from the EnvRunners (``rollout_fragment_length``
-   steps per env);
+   steps per env); with remote runners and ``async_sampling``, collect the
+   chunks that are done and start the next ones, which roll out during 2-4;
 2. turn them into n-step transitions with discounted reward AND cost sums
    (:class:`cvpo.replay.NStepAccumulator`) and store them in the replay
    buffer;
