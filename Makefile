@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # overlap well on 2 cores; --dist loadfile keeps each file in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-fast lint train bench clean
+.PHONY: install test test-fast lint train reproduce results bench clean
 
 # `make train`: CVPO on SafetyPointGoal1-v0 with local Ray and all local cores,
 # about 10 minutes here; progress every iteration, a checkpoint and a PNG.
@@ -44,10 +44,24 @@ test-fast: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/rllib train --algo CVPO --env $(TRAIN_ENV) \
-	  --config '{"num_env_runners": $(TRAIN_RUNNERS), "num_envs_per_env_runner": 4, "cost_limit": 25.0, "seed": 0}' \
+	  --config '{"num_env_runners": $(TRAIN_RUNNERS), "num_envs_per_env_runner": 4, "cost_limit": 25.0, "seed": 0, "evaluation_interval": 20, "evaluation_duration": 5}' \
 	  --stop '{"time_total_s": $(TRAIN_SECONDS)}' \
 	  --storage-path $(abspath $(TRAIN_DIR)) --experiment-name cvpo-make-train \
 	  --plot $(TRAIN_DIR)/progress.png
+
+# `make reproduce TASK=SafetyPointGoal1-v0 SEEDS="0 1 2" [ALGO=CVPO] [STEPS=N]`: trains the
+# tuned example for the task's env-step budget per seed, evaluates the final and best
+# feasible checkpoints, and rewrites tuned_examples/cvpo/RESULTS.md and the curve PNGs.
+TASK ?= SafetyPointGoal1-v0
+SEEDS ?= 0
+ALGO ?= CVPO
+STEPS ?=
+reproduce: $(STAMP)
+	$(PY) -m rllib_ext.reproduce --task $(TASK) --algo $(ALGO) --seed $(SEEDS) $(if $(strip $(STEPS)),--steps $(STEPS))
+
+# Rebuild RESULTS.md and the curve PNGs from the recorded runs (no training).
+results: $(STAMP)
+	$(PY) -m rllib_ext.reproduce --write-only
 
 bench: $(STAMP)
 	$(PY) benchmarks/estep.py --quick

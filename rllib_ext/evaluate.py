@@ -26,8 +26,12 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
-    """The checkpoint folder for ``path`` (a checkpoint, or a trial folder: its newest)."""
-    p = Path(path).expanduser()
+    """The checkpoint folder for ``path`` (a checkpoint, or a trial folder: its newest).
+
+    Returned absolute: RLlib reads paths through pyarrow, which takes a relative
+    path for a URI without a scheme and fails (``ArrowInvalid``).
+    """
+    p = Path(os.path.abspath(Path(path).expanduser()))
     if not p.exists():
         raise CheckpointError(
             f"checkpoint path {p} does not exist; pass the checkpoint_XXXXXX folder "

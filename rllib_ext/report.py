@@ -1,8 +1,17 @@
-"""Sweep report: reward vs cost per cost limit, from Tune's own result files.
+"""Experiment report: reward vs cost per group of trials, from Tune's own result files.
 
 Reads ``<experiment>/<trial>/params.json`` and ``progress.csv`` (written by
 Tune for every trial, so finished and interrupted experiments both work) and
 writes ``report.csv``, ``report.md`` and ``report.png``.
+
+Trials are grouped by every parameter that differs between them (nested
+config dicts flattened to ``a/b`` keys; ``seed`` and parameters equal in all
+trials are ignored), so a sweep over cost limits, learning rates or envs gets
+one row per combination and the seeds of a combination are aggregated: mean
+with min..max in the table, mean curve with a min-max band in the PNG. Curves
+are drawn against env steps (``env_runners/num_env_steps_sampled_lifetime``).
+Episode metrics are NaN in iterations where no episode ended; only the finite
+points are used, joined into one curve.
 """
 
 from __future__ import annotations
@@ -10,9 +19,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -21,6 +31,13 @@ from rllib_ext.cvpo import metrics as M
 RETURN_COL = f"env_runners/{M.EPISODE_RETURN_MEAN}"
 COST_COL = f"env_runners/{M.EPISODE_COST_MEAN}"
 VIOLATION_COL = f"env_runners/{M.COST_VIOLATION_RATE}"
+STEPS_COL = "env_runners/num_env_steps_sampled_lifetime"
+STEPS_FALLBACK_COLS = ("num_env_steps_sampled_lifetime",)
+EVAL_RETURN_COL = f"evaluation/env_runners/{M.EPISODE_RETURN_MEAN}"
+EVAL_COST_COL = f"evaluation/env_runners/{M.EPISODE_COST_MEAN}"
+IGNORED_PARAMS = ("seed",)  # a flattened key whose last part is one of these
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class ReportError(ValueError):
@@ -34,8 +51,38 @@ def _float(x: Any) -> float:
         return math.nan
 
 
+def _hashable(value: Any) -> Any:
+    """A param value usable as a dict key (lists -> tuples; object reprs without addresses)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, str):
+        return _ADDRESS.sub("", value)
+    return value
+
+
+def flatten_params(params: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts flattened to ``{"a/b": value}`` with hashable values."""
+    out: Dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_params(value, name + "/"))
+        else:
+            out[name] = _hashable(value)
+    return out
+
+
+def _column(rows: List[Dict[str, str]], *names: str) -> np.ndarray:
+    for name in names:
+        if rows and name in rows[0]:
+            return np.array([_float(r.get(name)) for r in rows])
+    return np.full(len(rows), math.nan)
+
+
 def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
-    """One record per trial with its params and per-iteration curves."""
+    """One record per trial with its flattened params and per-iteration curves."""
     root = Path(experiment_dir).expanduser()
     if not root.is_dir():
         raise ReportError(f"experiment folder {root} does not exist")
@@ -51,21 +98,30 @@ def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
             params = json.loads(params_file.read_text())
         except json.JSONDecodeError:
             continue  # a trial killed while writing its params
+        if not isinstance(params, dict):
+            continue
         limit = params.get("cost_limit", math.inf)
         if isinstance(limit, list):
             limit = limit[0] if len(limit) == 1 else sum(limit)
+        iterations = _column(rows, "training_iteration")
+        steps = _column(rows, STEPS_COL, *STEPS_FALLBACK_COLS)
+        has_steps = bool(np.isfinite(steps).any())
         trials.append(
             {
                 "trial": trial_dir.name,
+                "params": flatten_params(params),
                 "cost_limit": _float(limit),
                 "seed": params.get("seed"),
-                "iterations": np.array([_float(r.get("training_iteration")) for r in rows]),
-                "steps": np.array(
-                    [_float(r.get("env_runners/num_env_steps_sampled_lifetime")) for r in rows]
-                ),
-                "return": np.array([_float(r.get(RETURN_COL)) for r in rows]),
-                "cost": np.array([_float(r.get(COST_COL)) for r in rows]),
-                "violation": np.array([_float(r.get(VIOLATION_COL)) for r in rows]),
+                "iterations": iterations,
+                "steps": steps,
+                # the x-axis: env steps, or iterations for results without a step count
+                "x": steps if has_steps else iterations,
+                "x_label": "env steps" if has_steps else "iteration",
+                "return": _column(rows, RETURN_COL),
+                "cost": _column(rows, COST_COL),
+                "violation": _column(rows, VIOLATION_COL),
+                "eval_return": _column(rows, EVAL_RETURN_COL),
+                "eval_cost": _column(rows, EVAL_COST_COL),
             }
         )
     if not trials:
@@ -73,109 +129,262 @@ def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
     return trials
 
 
+def _ignored(key: str) -> bool:
+    return key.rsplit("/", 1)[-1] in IGNORED_PARAMS
+
+
+def varying_params(trials: Sequence[Dict[str, Any]]) -> List[str]:
+    """Flattened param keys whose value differs between trials (seeds excluded), sorted."""
+    keys = sorted({k for t in trials for k in t["params"]})
+    out = []
+    for k in keys:
+        if _ignored(k):
+            continue
+        values = {repr(t["params"].get(k)) for t in trials}
+        if len(values) > 1:
+            out.append(k)
+    return out
+
+
+def _sort_key(value: Any) -> Tuple:
+    if isinstance(value, bool) or value is None:
+        return (2, str(value))
+    if isinstance(value, (int, float)):
+        return (0, float(value), "")
+    return (1, str(value))
+
+
+def group_trials(
+    trials: Sequence[Dict[str, Any]],
+) -> Tuple[List[str], List[Tuple[Tuple, List[Dict[str, Any]]]]]:
+    """(varying param keys, [(their values, trials of that group)]) over trials with results."""
+    reported = [t for t in trials if len(t["iterations"])]
+    params = varying_params(reported)
+    groups: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
+    for t in reported:
+        groups[tuple(t["params"].get(k) for k in params)].append(t)
+    order = sorted(groups, key=lambda values: tuple(_sort_key(v) for v in values))
+    return params, [(values, groups[values]) for values in order]
+
+
 def _tail_mean(x: np.ndarray, n: int) -> float:
-    x = x[~np.isnan(x)]
+    x = x[np.isfinite(x)]
     return float(np.mean(x[-n:])) if len(x) else math.nan
 
 
+def _last(x: np.ndarray) -> float:
+    x = x[np.isfinite(x)]
+    return float(x[-1]) if len(x) else math.nan
+
+
+def _stats(prefix: str, values: Sequence[float]) -> Dict[str, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return {f"{prefix}_{s}": math.nan for s in ("mean", "min", "max", "std")}
+    return {
+        f"{prefix}_mean": float(np.mean(v)),
+        f"{prefix}_min": float(np.min(v)),
+        f"{prefix}_max": float(np.max(v)),
+        f"{prefix}_std": float(np.std(v)),
+    }
+
+
+def _has_eval(trials: Sequence[Dict[str, Any]]) -> bool:
+    return any(np.isfinite(t["eval_return"]).any() or np.isfinite(t["eval_cost"]).any() for t in trials)
+
+
 def summarize(trials: List[Dict[str, Any]], last_n: int = 5) -> List[Dict[str, Any]]:
-    """Per cost limit: final reward / cost / violation rate, mean and std over trials."""
-    groups: Dict[float, List[Dict[str, Any]]] = defaultdict(list)
-    for t in trials:
-        if len(t["iterations"]):
-            groups[t["cost_limit"]].append(t)
+    """One row per group: its param values, then final reward / cost / violation rate.
+
+    Per trial, "final" is the mean over its last ``last_n`` iterations with a
+    value (evaluation: the last evaluation); per group, the mean, min, max and
+    std over its trials (seeds).
+    """
+    params, groups = group_trials(trials)
+    with_eval = _has_eval(trials)
     rows = []
-    for limit in sorted(groups):
-        g = groups[limit]
-        r = np.array([_tail_mean(t["return"], last_n) for t in g])
-        c = np.array([_tail_mean(t["cost"], last_n) for t in g])
-        v = np.array([_tail_mean(t["violation"], last_n) for t in g])
-        rows.append(
-            {
-                "cost_limit": limit,
-                "trials": len(g),
-                "iterations": int(min(len(t["iterations"]) for t in g)),
-                "reward_mean": float(np.nanmean(r)),
-                "reward_std": float(np.nanstd(r)),
-                "cost_mean": float(np.nanmean(c)),
-                "cost_std": float(np.nanstd(c)),
-                "violation_rate_mean": float(np.nanmean(v)) if not np.all(np.isnan(v)) else math.nan,
-                "violation_rate_std": float(np.nanstd(v)) if not np.all(np.isnan(v)) else math.nan,
-            }
-        )
+    for values, g in groups:
+        row: Dict[str, Any] = dict(zip(params, values))
+        row["trials"] = len(g)
+        row["iterations"] = int(min(len(t["iterations"]) for t in g))
+        row["env_steps"] = float(np.nanmin([_last(t["steps"]) for t in g])) if any(
+            np.isfinite(t["steps"]).any() for t in g) else math.nan
+        row.update(_stats("reward", [_tail_mean(t["return"], last_n) for t in g]))
+        row.update(_stats("cost", [_tail_mean(t["cost"], last_n) for t in g]))
+        row.update(_stats("violation_rate", [_tail_mean(t["violation"], last_n) for t in g]))
+        if with_eval:
+            row.update(_stats("eval_return", [_last(t["eval_return"]) for t in g]))
+            row.update(_stats("eval_cost", [_last(t["eval_cost"]) for t in g]))
+        rows.append(row)
     return rows
 
 
-def _markdown(rows: List[Dict[str, Any]], last_n: int) -> str:
+def format_value(value: Any) -> str:
+    """A param value as shown in the table."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    return str(value)
+
+
+def _cell(row: Dict[str, Any], prefix: str) -> str:
+    mean, lo, hi = row[f"{prefix}_mean"], row[f"{prefix}_min"], row[f"{prefix}_max"]
+    if not math.isfinite(mean):
+        return "n/a"
+    if row["trials"] == 1:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ({lo:.2f}..{hi:.2f})"
+
+
+def _param_label(key: str) -> str:
+    return key.replace("_", " ")
+
+
+def _markdown(rows: List[Dict[str, Any]], params: List[str], last_n: int,
+              constant_limit: Optional[float]) -> str:
+    with_eval = bool(rows) and "eval_return_mean" in rows[0]
     lines = [
-        f"Final values: mean over the last {last_n} iterations of each trial, then mean ± std over trials.",
-        "",
-        "| cost limit | trials | iterations | reward | cost | violation rate |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f"Final values: per trial the mean over its last {last_n} iterations with a value"
+        + (" (evaluation: its last evaluation)" if with_eval else "")
+        + "; per group the mean over its trials (seeds), with (min..max) for several.",
     ]
+    if not params:
+        lines.append("All trials share every parameter but the seed.")
+    if constant_limit is not None:
+        lines.append(f"Cost limit {constant_limit:g} in all trials.")
+    metrics = ["reward", "cost", "violation rate"] + (["eval return", "eval cost"] if with_eval else [])
+    header = [_param_label(p) for p in params] + ["trials", "iterations", "env steps"] + metrics
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
-        lines.append(
-            f"| {r['cost_limit']:g} | {r['trials']} | {r['iterations']} | "
-            f"{r['reward_mean']:.2f} ± {r['reward_std']:.2f} | {r['cost_mean']:.2f} ± {r['cost_std']:.2f} | "
-            f"{r['violation_rate_mean']:.2f} ± {r['violation_rate_std']:.2f} |"
-        )
+        cells = [format_value(r[p]) for p in params]
+        cells += [str(r["trials"]), str(r["iterations"]),
+                  f"{r['env_steps']:,.0f}" if math.isfinite(r["env_steps"]) else "n/a"]
+        cells += [_cell(r, m.replace(" ", "_")) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _plot(trials, rows, out: Path, last_n: int) -> None:
+def _finite_xy(t: Dict[str, Any], key: str) -> Tuple[np.ndarray, np.ndarray]:
+    x, y = t["x"], t[key]
+    keep = np.isfinite(x) & np.isfinite(y)
+    order = np.argsort(x[keep], kind="stable")
+    return x[keep][order], y[keep][order]
+
+
+def group_curve(group: Sequence[Dict[str, Any]], key: str):
+    """(x, mean, min, max) over a group's trials, finite points only.
+
+    The seeds' curves are interpolated onto the union of their x values within
+    the range all of them cover. Returns None when no trial has a finite point;
+    a list of per-trial (x, y) when the seeds' ranges do not overlap.
+    """
+    curves = [c for c in (_finite_xy(t, key) for t in group) if len(c[0])]
+    if not curves:
+        return None
+    if len(curves) == 1:
+        x, y = curves[0]
+        return x, y, y, y
+    lo, hi = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
+    grid = np.unique(np.concatenate([c[0] for c in curves]))
+    grid = grid[(grid >= lo) & (grid <= hi)]
+    if not len(grid):
+        return curves
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
+
+
+def _group_label(params: List[str], values: Tuple) -> str:
+    if not params:
+        return "all trials"
+    return ", ".join(f"{_param_label(p)}={format_value(v)}" for p, v in zip(params, values))
+
+
+def plot_report(trials: List[Dict[str, Any]], last_n: int = 5):
+    """The report's matplotlib Figure: final reward vs cost per trial, and return
+    and cost against env steps per group (mean over seeds, min-max band)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    limits = [r["cost_limit"] for r in rows]
-    colors = {lim: plt.cm.viridis(i / max(len(limits) - 1, 1)) for i, lim in enumerate(limits)}
+    params, groups = group_trials(trials)
+    colors = [plt.cm.viridis(i / max(len(groups) - 1, 1)) for i in range(len(groups))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
-    for t in trials:
-        if not len(t["iterations"]):
-            continue
-        ax.scatter(_tail_mean(t["cost"], last_n), _tail_mean(t["return"], last_n),
-                   color=colors[t["cost_limit"]], s=40)
-    for lim in limits:
-        if math.isfinite(lim):
-            ax.axvline(lim, color=colors[lim], ls="--", lw=1, label=f"limit {lim:g}")
+    drawn_limits = set()
+    for color, (values, g) in zip(colors, groups):
+        label = _group_label(params, values)
+        xs = [_tail_mean(t["cost"], last_n) for t in g]
+        ys = [_tail_mean(t["return"], last_n) for t in g]
+        ax.scatter(xs, ys, color=color, s=40, label=label)
+        lim = g[0]["cost_limit"]
+        if math.isfinite(lim) and lim not in drawn_limits:
+            drawn_limits.add(lim)
+            ax.axvline(lim, color=color, ls="--", lw=1)
     ax.set_xlabel("final mean episode cost")
     ax.set_ylabel("final mean episode return")
-    ax.set_title("reward vs cost per trial")
+    ax.set_title("reward vs cost per trial (dashed: cost limit)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    for ax, key, label in ((axes[1], "return", "mean episode return"), (axes[2], "cost", "mean episode cost")):
-        for lim in limits:
-            for i, t in enumerate(t for t in trials if t["cost_limit"] == lim and len(t["iterations"])):
-                ax.plot(t["iterations"], t[key], color=colors[lim], alpha=0.8,
-                        label=f"limit {lim:g}" if i == 0 else None)
+    x_label = "env steps" if all(t["x_label"] == "env steps" for _, g in groups for t in g) else "iteration"
+    for ax, key, ylabel in ((axes[1], "return", "mean episode return"), (axes[2], "cost", "mean episode cost")):
+        for color, (values, g) in zip(colors, groups):
+            label = _group_label(params, values)
+            curve = group_curve(g, key)
+            if curve is None:
+                continue
+            if isinstance(curve, list):  # seeds without a common x range: one line each
+                for i, (x, y) in enumerate(curve):
+                    ax.plot(x, y, color=color, marker="." if len(x) < 2 else None,
+                            label=label if i == 0 else None)
+            else:
+                x, mean, lo, hi = curve
+                ax.plot(x, mean, color=color, marker="." if len(x) < 2 else None, label=label)
+                if len(g) > 1:
+                    ax.fill_between(x, lo, hi, color=color, alpha=0.2, lw=0)
+            lim = g[0]["cost_limit"]
             if key == "cost" and math.isfinite(lim):
-                ax.axhline(lim, color=colors[lim], ls="--", lw=1)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(label)
-        ax.set_title(f"learning curves: {key}")
+                ax.axhline(lim, color=color, ls="--", lw=1)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{key} (mean over seeds, min-max band)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def _csv_value(value: Any) -> Any:
+    return format_value(value) if isinstance(value, tuple) else value
 
 
 def write_report(experiment_dir: str | Path, out_dir: Optional[str | Path] = None,
                  last_n: int = 5) -> Dict[str, str]:
     """Writes report.csv, report.md and report.png; returns their paths."""
+    import matplotlib.pyplot as plt
+
     trials = read_trials(experiment_dir)
     rows = summarize(trials, last_n)
     if not rows:
         raise ReportError(f"{experiment_dir}: no trial has reported an iteration yet")
+    params, groups = group_trials(trials)
+    limits = {t["cost_limit"] for _, g in groups for t in g}
+    constant_limit = limits.pop() if "cost_limit" not in params and len(limits) == 1 else None
+    if constant_limit is not None and not math.isfinite(constant_limit):
+        constant_limit = None
     out = Path(out_dir or experiment_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     csv_path, md_path, png_path = out / "report.csv", out / "report.md", out / "report.png"
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(rows)
-    md_path.write_text(_markdown(rows, last_n))
-    _plot(trials, rows, png_path, last_n)
+        w.writerows({k: _csv_value(v) for k, v in r.items()} for r in rows)
+    md_path.write_text(_markdown(rows, params, last_n, constant_limit))
+    fig = plot_report(trials, last_n)
+    try:
+        fig.savefig(png_path, dpi=110)
+    finally:
+        plt.close(fig)
     return {"csv": str(csv_path), "markdown": str(md_path), "png": str(png_path)}

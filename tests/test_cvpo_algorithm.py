@@ -54,8 +54,12 @@ def test_training_reports_cost_and_learner_metrics(ray_local):
                 M.ESTEP_SOLVE_TIME_S):
         assert np.isfinite(float(pol[key])), key
     assert float(pol[M.ETA]) > 0
+    # the even-spread formula times the measured timing factor and the feedback scale
+    cv = r2[M.CVPO_RESULTS]
+    assert 0.0 < cv[M.THRESHOLD_TIMING_PREFIX + "cost"] <= 1.5
+    assert cv[M.THRESHOLD_SCALE_PREFIX + "cost"] == 1.0  # feedback is off by default
     assert float(pol[M.STEP_THRESHOLD_PREFIX + "cost"]) == pytest.approx(
-        5.0 * (1 - 0.99**100) / (0.01 * 100)
+        5.0 * (1 - 0.99**100) / (0.01 * 100) * cv[M.THRESHOLD_TIMING_PREFIX + "cost"]
     )
     counts = sum(int(pol[M.ESTEP_STATUS_PREFIX + s]) for s in ("converged", "max_iter", "infeasible"))
     assert counts > 0

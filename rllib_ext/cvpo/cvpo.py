@@ -16,6 +16,7 @@ Data flow of one ``training_step``:
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -41,6 +42,7 @@ from ray.rllib.utils.metrics import (
 
 from cvpo.envs import NoCostSignalError, NonFiniteSignalError
 from cvpo.replay import EpisodeChunk, NStepAccumulator, NStepReplayBuffer
+from cvpo.threshold import ThresholdFeedback, TimingCorrection
 from rllib_ext.cvpo import metrics as M
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ logger = logging.getLogger(__name__)
 ESTEP_SOLVERS = ("newton", "cvxpy")
 REWARD_REDUCTIONS = ("min", "mean")
 COST_REDUCTIONS = ("mean", "max")
+THRESHOLD_TIMINGS = ("measured", "even")
 REPLAY_STATE_KEY = "cvpo_replay"
 
 
@@ -79,6 +82,16 @@ class CVPOConfig(AlgorithmConfig):
         self.num_sampled_actions = 16  # K actions per state (FSRL's default)
         self.estep_solver = "newton"
         self.estep_lambda_max = 1000.0  # cap on lambda (infeasible steps hit it)
+        # The per-step threshold (cvpo.threshold, docs/constraint.md): "even" is the paper's
+        # C (1 - gamma^T) / ((1 - gamma) T), exact for cost spread evenly over the episode;
+        # "measured" replaces the even spread by the cost timing of the last
+        # `threshold_timing_window` finished training episodes.
+        self.step_threshold_timing = "measured"
+        self.threshold_timing_window = 100
+        # Episodic-cost feedback: kappa scales the threshold, log kappa moves by this rate per
+        # finished training episode toward meeting the limit; 0 (default) switches it off.
+        self.threshold_feedback_rate = 0.0
+        self.threshold_kappa_range = (0.05, 1.0)
         # --- M-step trust region ---
         self.mstep_kl_mu = 0.01
         self.mstep_kl_sigma = 0.0005
@@ -127,6 +140,14 @@ class CVPOConfig(AlgorithmConfig):
         self.normalize_actions = False
         self.clip_actions = True
         self.lr = None
+        # --- evaluation (RLlib's .evaluation(); off until evaluation_interval is set) ---
+        # Evaluation EnvRunners act deterministically (the Gaussian's mean), as the
+        # safe-RL papers evaluate; ``.evaluation(evaluation_config={"explore": True})``
+        # evaluates the stochastic policy instead.
+        self.evaluation_config = AlgorithmConfig.overrides(explore=False)
+        # After each evaluation whose cost meets every limit and whose return beats the
+        # best such evaluation so far, save a checkpoint to <trial dir>/best_feasible.
+        self.keep_best_feasible_checkpoint = True
         from rllib_ext.cvpo.callbacks import CostMetricsCallback
 
         self.callbacks_class = CostMetricsCallback
@@ -142,6 +163,10 @@ class CVPOConfig(AlgorithmConfig):
         num_sampled_actions=NotProvided,
         estep_solver=NotProvided,
         estep_lambda_max=NotProvided,
+        step_threshold_timing=NotProvided,
+        threshold_timing_window=NotProvided,
+        threshold_feedback_rate=NotProvided,
+        threshold_kappa_range=NotProvided,
         mstep_kl_mu=NotProvided,
         mstep_kl_sigma=NotProvided,
         alpha_lr=NotProvided,
@@ -167,6 +192,7 @@ class CVPOConfig(AlgorithmConfig):
         store_buffer_in_checkpoints=NotProvided,
         async_sampling=NotProvided,
         learner_torch_threads=NotProvided,
+        keep_best_feasible_checkpoint=NotProvided,
         **kwargs,
     ) -> "CVPOConfig":
         """Sets CVPO's hyper-parameters (any left out keep their value).
@@ -180,6 +206,13 @@ class CVPOConfig(AlgorithmConfig):
             num_sampled_actions: K actions sampled per state in the E-step.
             estep_solver: "newton" (exact, fast) or "cvxpy" (the reference model).
             estep_lambda_max: cap on each lambda; reaching it marks an infeasible step.
+            step_threshold_timing: "measured" (the threshold from the cost timing of
+                recent training episodes) or "even" (the paper's formula).
+            threshold_timing_window: finished episodes the timing is measured over.
+            threshold_feedback_rate: step of log kappa per finished training episode,
+                where kappa scales the per-step cost threshold so that the measured
+                episodic cost meets the limit (cvpo.threshold); 0 switches it off.
+            threshold_kappa_range: (min, max) of kappa.
             mstep_kl_mu, mstep_kl_sigma: trust-region bounds of the M-step.
             alpha_lr, alpha_mu_max, alpha_sigma_max: the KL multipliers' step size and caps.
             actor_hiddens, critic_hiddens: hidden layer sizes.
@@ -200,6 +233,9 @@ class CVPOConfig(AlgorithmConfig):
             async_sampling: with remote EnvRunners, sample the next chunk while the
                 learner updates on the previous ones (default True).
             learner_torch_threads: torch threads of a CPU learner (None: auto).
+            keep_best_feasible_checkpoint: with evaluation on, keep a checkpoint of
+                the best evaluation return whose evaluation cost meets every limit
+                (in ``<trial dir>/best_feasible``).
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -215,10 +251,10 @@ class CVPOConfig(AlgorithmConfig):
 
     @property
     def cost_limits(self) -> List[float]:
-        """One limit per constraint."""
-        if isinstance(self.cost_limit, (int, float)):
-            return [float(self.cost_limit)] * len(self.constraint_names)
-        return [float(c) for c in self.cost_limit]
+        """One limit per constraint (cvpo.constraints.cost_limits)."""
+        from cvpo.constraints import cost_limits
+
+        return cost_limits(self.cost_limit, self.constraint_names)
 
     def step_thresholds(self) -> np.ndarray:
         """Per-step Q_c thresholds eps_k = C_k (1 - gamma^T) / ((1 - gamma) T)."""
@@ -317,9 +353,13 @@ class CVPO(Algorithm):
         """Like ``Algorithm.from_checkpoint``, with one clear error (CheckpointError)
         for a local checkpoint that is missing, damaged, or another algorithm's."""
         if filesystem is None:
-            from rllib_ext.cvpo.validation import check_algorithm_checkpoint
+            from rllib_ext.cvpo.validation import (
+                absolute_checkpoint_path,
+                check_algorithm_checkpoint,
+            )
 
             check_algorithm_checkpoint(path, cls)
+            path = absolute_checkpoint_path(path)  # pyarrow fails on relative paths
         return super().from_checkpoint(path, filesystem=filesystem, **kwargs)
 
     @override(Algorithm)
@@ -334,7 +374,16 @@ class CVPO(Algorithm):
         )
         self._replay = NStepReplayBuffer(config.replay_capacity, seed=config.seed)
         self._num_updates = 0
-        self._update_steps_base = None
+        self._best_feasible_return = -np.inf
+        self._feedback = ThresholdFeedback(
+            config.cost_limits, config.threshold_feedback_rate, config.threshold_kappa_range
+        )
+        self._timing = (
+            TimingCorrection(len(config.cost_limits), config.gamma, config.threshold_timing_window)
+            if config.step_threshold_timing == "measured"
+            else None
+        )
+        self._open_episode_costs: Dict[str, List[np.ndarray]] = {}  # episode id -> cost chunks
         return None
 
     # -- sampling -------------------------------------------------------------------------
@@ -399,7 +448,9 @@ class CVPO(Algorithm):
 
         with self.metrics.log_time((TIMERS, REPLAY_BUFFER_ADD_DATA_TIMER)):
             names = cfg.constraint_names
-            self._replay.add(self._accumulator.add([episode_to_chunk(e, names) for e in episodes]))
+            chunks = [episode_to_chunk(e, names) for e in episodes]
+            self._replay.add(self._accumulator.add(chunks))
+        self._feed_threshold(chunks)
 
         sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
         self.metrics.log_value((M.CVPO_RESULTS, M.REPLAY_SIZE), len(self._replay), window=1)
@@ -441,11 +492,110 @@ class CVPO(Algorithm):
                     inference_only=True,
                 )
 
+    # -- episodic-cost feedback on the threshold ------------------------------------------
+    def _feed_threshold(self, chunks: Sequence[EpisodeChunk]) -> None:
+        """Collects each training episode's per-step costs over its chunks; finished
+        episodes update the timing correction and the feedback (cvpo.threshold), and
+        the learners get the resulting step thresholds."""
+        cfg = self.config
+        adaptive = self._feedback.enabled or self._timing is not None
+        finished = []
+        for c in chunks if adaptive else ():
+            parts = self._open_episode_costs.pop(c.episode_id, [])
+            parts.append(c.costs)
+            if c.terminated or c.truncated:
+                finished.append((np.concatenate(parts), c.truncated and not c.terminated))
+            else:
+                self._open_episode_costs[c.episode_id] = parts
+        if finished:
+            self._feedback.update(np.stack([costs.sum(axis=0) for costs, _ in finished]))
+            if self._timing is not None:
+                for costs, truncated in finished:
+                    self._timing.update(costs, truncated)
+            self._push_thresholds()
+        names = cfg.constraint_names
+        for name, kappa, timing in zip(names, self._feedback.kappa, self._timing_factor()):
+            self.metrics.log_value((M.CVPO_RESULTS, M.THRESHOLD_SCALE_PREFIX + name), float(kappa), window=1)
+            self.metrics.log_value((M.CVPO_RESULTS, M.THRESHOLD_TIMING_PREFIX + name), float(timing), window=1)
+        if np.isfinite(self._best_feasible_return):
+            self.metrics.log_value(
+                (M.CVPO_RESULTS, M.BEST_FEASIBLE_RETURN), self._best_feasible_return, window=1
+            )
+
+    def _timing_factor(self) -> np.ndarray:
+        """rho / rho_even per constraint: 1 for cost spread evenly, < 1 for early cost."""
+        even = self.config.step_thresholds() / np.asarray(self.config.cost_limits)
+        if self._timing is None:
+            return np.ones_like(even)
+        return self._timing.rho(even) / even
+
+    def step_thresholds(self) -> np.ndarray:
+        """The per-step thresholds the E-step uses now: C * rho * kappa (docs/constraint.md)."""
+        return self.config.step_thresholds() * self._timing_factor() * self._feedback.kappa
+
+    def _push_thresholds(self) -> None:
+        eps = self.step_thresholds()
+        self.learner_group.foreach_learner(
+            lambda learner: learner.set_step_thresholds(DEFAULT_MODULE_ID, eps)
+        )
+
+    # -- evaluation ----------------------------------------------------------------------
+    @override(Algorithm)
+    def evaluate(self, *args, **kwargs):
+        results = super().evaluate(*args, **kwargs)
+        if self.config.keep_best_feasible_checkpoint:
+            self._maybe_save_best_feasible(results.get(ENV_RUNNER_RESULTS) or {})
+        return results
+
+    def _evaluation_feasible(self, eval_runner_results: Dict[str, Any]) -> Optional[bool]:
+        """Whether the evaluation's mean episode cost meets every limit (None: no episode)."""
+        names = self.config.constraint_names
+        if len(names) == 1:
+            keys = [M.EPISODE_COST_MEAN]
+        else:
+            keys = [M.EPISODE_COST_MEAN_PREFIX + k for k in names]
+        costs = [eval_runner_results.get(k) for k in keys]
+        if any(c is None or not np.isfinite(c) for c in costs):
+            return None
+        return all(float(c) <= limit for c, limit in zip(costs, self.config.cost_limits))
+
+    #: set to a folder to put the best feasible checkpoint there instead
+    best_feasible_path: Optional[str] = None
+
+    def best_feasible_checkpoint_dir(self) -> str:
+        """Where the best feasible checkpoint goes: ``best_feasible_path`` if set, else
+        ``best_feasible`` in the trial folder under Tune, or in the logdir without Tune."""
+        if self.best_feasible_path:
+            return self.best_feasible_path
+        storage = getattr(self, "_storage", None)
+        base = storage.trial_fs_path if storage is not None else self.logdir
+        return os.path.join(base, M.BEST_FEASIBLE_DIR)
+
+    def _maybe_save_best_feasible(self, eval_runner_results: Dict[str, Any]) -> None:
+        ret = eval_runner_results.get(M.EPISODE_RETURN_MEAN)
+        if ret is None or not np.isfinite(ret) or not self._evaluation_feasible(eval_runner_results):
+            return
+        if ret <= self._best_feasible_return:
+            return
+        self._best_feasible_return = float(ret)
+        storage = getattr(self, "_storage", None)
+        path = self.best_feasible_checkpoint_dir()
+        fs = storage.storage_filesystem if storage is not None and not self.best_feasible_path else None
+        self.save_to_path(path, filesystem=fs)
+        logger.info("best feasible evaluation return %.3f: checkpoint %s", ret, path)
+
     # -- checkpoints ---------------------------------------------------------------------
     @override(Algorithm)
     def get_state(self, components=None, *, not_components=None, **kwargs):
         state = super().get_state(components, not_components=not_components, **kwargs)
         state["cvpo_num_updates"] = self._num_updates
+        state["cvpo_best_feasible_return"] = self._best_feasible_return
+        state["cvpo_threshold_feedback"] = self._feedback.get_state()
+        state["cvpo_open_episode_costs"] = {
+            k: [c.tolist() for c in parts] for k, parts in self._open_episode_costs.items()
+        }
+        if self._timing is not None:
+            state["cvpo_threshold_timing"] = self._timing.get_state()
         if self.config.store_buffer_in_checkpoints:
             state[REPLAY_STATE_KEY] = self._replay.get_state()
         return state
@@ -455,6 +605,17 @@ class CVPO(Algorithm):
         super().set_state(state)
         if "cvpo_num_updates" in state:
             self._num_updates = int(state["cvpo_num_updates"])
+        if "cvpo_best_feasible_return" in state:
+            self._best_feasible_return = float(state["cvpo_best_feasible_return"])
+        if "cvpo_threshold_feedback" in state:
+            self._feedback.set_state(state["cvpo_threshold_feedback"])
+            self._open_episode_costs = {
+                k: [np.asarray(c, np.float64) for c in parts]
+                for k, parts in state.get("cvpo_open_episode_costs", {}).items()
+            }
+            if self._timing is not None and "cvpo_threshold_timing" in state:
+                self._timing.set_state(state["cvpo_threshold_timing"])
+            self._push_thresholds()
         if REPLAY_STATE_KEY in state:
             self._replay.set_state(state[REPLAY_STATE_KEY])
 

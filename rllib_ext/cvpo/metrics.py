@@ -11,6 +11,23 @@ EPISODE_COST_MEAN = "episode_cost_mean"  # sum over constraints of the episodic 
 EPISODE_COST_MEAN_PREFIX = "episode_cost_mean_"  # + constraint name, when m > 1
 COST_VIOLATION_RATE = "cost_violation_rate"  # fraction of episodes over a limit
 NUM_NONFINITE_DROPPED = "num_nonfinite_signals_dropped"
+# Lifetime sums over every training episode that ended (safe-RL papers report them).
+CUMULATIVE_COST = "cumulative_cost"  # sum of all training episodes' costs (all constraints)
+COST_RATE = "cost_rate"  # CUMULATIVE_COST / env steps sampled (set on the driver)
+# An episode violates when ANY constraint's episodic cost exceeds its own limit
+# (cvpo.constraints.violated). The rates are exact shares of the iteration's episodes:
+# the driver divides these per-iteration counts (summed over all EnvRunners).
+COST_VIOLATION_RATE_PREFIX = "cost_violation_rate_"  # + constraint name, when m > 1
+NUM_EPISODES_CHECKED = "num_episodes_cost_checked"  # episodes compared with the limits
+NUM_EPISODES_VIOLATED = "num_episodes_violated"  # of which over a limit
+NUM_EPISODES_VIOLATED_PREFIX = "num_episodes_violated_"  # + constraint name, when m > 1
+
+# -- Evaluation (RLlib's .evaluation(): deterministic actions) ---------------------------
+# RLlib puts the evaluation EnvRunners' metrics under result["evaluation"]["env_runners"];
+# the same EnvRunner keys as above appear there.
+EVALUATION_RESULTS = "evaluation"
+BEST_FEASIBLE_DIR = "best_feasible"  # checkpoint folder name, inside the trial folder
+BEST_FEASIBLE_RETURN = "best_feasible_return"  # under result["cvpo"]
 
 # -- Learner (per update, averaged over the iteration) ------------------------------------
 ETA = "eta"
@@ -37,3 +54,5 @@ NUM_UPDATES = "num_gradient_updates"
 CVPO_RESULTS = "cvpo"
 REPLAY_SIZE = "replay_size"
 UPDATES_LIFETIME = "num_gradient_updates_lifetime"
+THRESHOLD_SCALE_PREFIX = "threshold_scale_"  # + constraint name: feedback kappa (cvpo.threshold)
+THRESHOLD_TIMING_PREFIX = "threshold_timing_"  # + constraint name: rho / rho_even (cvpo.threshold)

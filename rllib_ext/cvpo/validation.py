@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import gymnasium as gym
 
-from rllib_ext.cvpo.cvpo import COST_REDUCTIONS, ESTEP_SOLVERS, REWARD_REDUCTIONS
+from cvpo.constraints import CostLimitCountError, cost_limits
+from rllib_ext.cvpo.cvpo import COST_REDUCTIONS, ESTEP_SOLVERS, REWARD_REDUCTIONS, THRESHOLD_TIMINGS
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +63,37 @@ def validate_cvpo_config(cfg) -> None:
             raise _bad("cost_keys", cfg.cost_keys, "a list of info key strings, e.g. ['cost']")
         if len(cfg.cost_keys) == 0:
             raise _bad("cost_keys", cfg.cost_keys, "a non-empty list (or None for ['cost'])")
-    m = len(cfg.constraint_names)
-    limits = cfg.cost_limit
-    if _is_real(limits):
-        limits = [limits]
-    elif isinstance(limits, (list, tuple)):
-        if len(limits) != m:
-            raise _bad(
-                "cost_limit",
-                cfg.cost_limit,
-                f"a float or a list of {m} floats (one per constraint {cfg.constraint_names})",
-            )
-    else:
-        raise _bad("cost_limit", limits, "a float >= 0 (math.inf disables) or a list of them")
-    for c in limits:
-        if not _is_real(c) or math.isnan(c) or c < 0:
-            raise _bad("cost_limit", cfg.cost_limit, "floats >= 0 (inf turns a constraint off)")
+    names = cfg.constraint_names
+    try:
+        cost_limits(cfg.cost_limit, names)  # the one normalisation of the limits
+    except TypeError:
+        raise _bad(
+            "cost_limit", cfg.cost_limit, "a float >= 0 (math.inf disables) or a list of them"
+        ) from None
+    except CostLimitCountError:
+        raise _bad(
+            "cost_limit",
+            cfg.cost_limit,
+            f"a float or a list of {len(names)} floats (one per constraint {names})",
+        ) from None
+    except ValueError:
+        raise _bad("cost_limit", cfg.cost_limit, "floats >= 0 (inf turns a constraint off)") from None
+    _check_num_learners(cfg)
     _positive(cfg, "kl_bound")
     k = cfg.num_sampled_actions
     if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 2):
         raise _bad("num_sampled_actions", k, "an integer >= 2")
     _choice(cfg, "estep_solver", ESTEP_SOLVERS)
     _positive(cfg, "estep_lambda_max")
+    _choice(cfg, "step_threshold_timing", THRESHOLD_TIMINGS)
+    _positive(cfg, "threshold_timing_window", integer=True)
+    _positive(cfg, "threshold_feedback_rate", allow_zero=True)
+    kr = cfg.threshold_kappa_range
+    if not (isinstance(kr, (list, tuple)) and len(kr) == 2 and all(_is_real(x) for x in kr)
+            and 0 < kr[0] <= 1 <= kr[1]):
+        raise _bad("threshold_kappa_range", kr, "(min, max) with 0 < min <= 1 <= max")
+    if not isinstance(cfg.keep_best_feasible_checkpoint, bool):
+        raise _bad("keep_best_feasible_checkpoint", cfg.keep_best_feasible_checkpoint, "True or False")
     for key in ("mstep_kl_mu", "mstep_kl_sigma", "alpha_lr", "alpha_mu_max", "alpha_sigma_max"):
         _positive(cfg, key)
     for key in ("actor_lr", "critic_lr"):
@@ -127,6 +137,19 @@ def validate_cvpo_config(cfg) -> None:
         _positive(cfg, "learner_torch_threads", integer=True)
     _gpu_fallback(cfg)
     _probe_env(cfg)
+
+
+def _check_num_learners(cfg) -> None:
+    """More than one learner is refused (one line: what to use, and why)."""
+    n = getattr(cfg, "num_learners", 0)
+    if _is_real(n) and n > 1:
+        raise CVPOConfigError(
+            f"CVPOConfig: `num_learners`={n!r} is not supported; use num_learners=0 (learner in "
+            "the driver) or 1 (one remote learner, e.g. on a GPU): CVPO's learner keeps the "
+            "E-step duals (eta, lambda) and the M-step trust-region multipliers (alpha_mu, "
+            "alpha_sigma) as its own state, which data-parallel learners would update apart "
+            "and let diverge."
+        )
 
 
 # -- GPU fallback ---------------------------------------------------------------------------
@@ -245,6 +268,20 @@ def _pickle_complete(path: Path) -> bool:
             return f.read(1) == b"."
     except OSError:
         return False
+
+
+def absolute_checkpoint_path(path: Any) -> Any:
+    """``path`` made absolute when it is a local path without a URI scheme.
+
+    RLlib opens checkpoints through pyarrow, which reads a relative path as a
+    URI with an empty scheme and fails (``ArrowInvalid``). URIs (``s3://``),
+    ``ray.tune.Checkpoint`` objects and other values are returned unchanged.
+    """
+    if isinstance(path, (str, os.PathLike)):
+        text = os.fspath(path)
+        if isinstance(text, str) and "://" not in text:
+            return os.path.abspath(os.path.expanduser(text))
+    return path
 
 
 def check_algorithm_checkpoint(path: Any, expected_cls: Optional[type] = None) -> Optional[type]:

@@ -129,7 +129,7 @@ def progress_printer():
     """A Tune callback printing one line per trial iteration (reward, cost vs limit)."""
     from ray.tune import Callback
 
-    from rllib_ext.cli import progress_line
+    from rllib_ext.progress import progress_line
 
     class _Progress(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):

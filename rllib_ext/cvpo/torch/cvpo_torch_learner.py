@@ -20,6 +20,9 @@ the critics never reaches the actor's weights.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import time
 from typing import Any, Dict, Optional
@@ -39,7 +42,10 @@ from cvpo.networks import polyak_update
 from rllib_ext.cvpo import metrics as M
 from rllib_ext.cvpo.torch.default_cvpo_torch_rl_module import ACTOR_MEAN, ACTOR_STD
 
+logger = logging.getLogger(__name__)
+
 LEARNER_STATE_KEY = "cvpo_learner_state"
+GENERATOR_KEY = "generator"  # + "_<device type>" for a generator that is not on the CPU
 _STATUSES = (estep.STATUS_CONVERGED, estep.STATUS_MAX_ITER, estep.STATUS_INFEASIBLE)
 
 
@@ -60,6 +66,52 @@ def learner_threads(config) -> Optional[int]:
         busy = config.num_env_runners * max(1, int(config.num_cpus_per_env_runner or 1))
         return max(1, cores - busy)
     return None
+
+
+def _to_host(tree: Any) -> Any:
+    """Every torch tensor in a nested dict / list / tuple -> a numpy array on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().numpy()
+    if isinstance(tree, dict):
+        return {k: _to_host(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_host(v) for v in tree)
+    return tree
+
+
+def _tensors_to_cpu(tree: Any) -> Any:
+    """Every torch tensor that is not on the CPU -> its CPU copy (others untouched)."""
+    if isinstance(tree, torch.Tensor):
+        return tree if tree.device.type == "cpu" else tree.detach().cpu()
+    if isinstance(tree, dict):
+        return {k: _tensors_to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tensors_to_cpu(v) for v in tree)
+    return tree
+
+
+def _load_storage_on_cpu(b: bytes):
+    """``torch.storage._load_from_bytes`` with ``map_location="cpu"``."""
+    return torch.load(io.BytesIO(b), map_location="cpu", weights_only=False)
+
+
+@contextlib.contextmanager
+def _load_pickled_tensors_on_cpu():
+    """While active, and only where CUDA is not available: pickled torch tensors load
+    onto the CPU instead of failing with "Attempting to deserialize object on a CUDA
+    device". (A pickled tensor's storage is rebuilt by ``torch.storage._load_from_bytes``,
+    which calls ``torch.load`` without a ``map_location``.)"""
+    import torch.storage as storage
+
+    if torch.cuda.is_available() or not hasattr(storage, "_load_from_bytes"):
+        yield
+        return
+    original = storage._load_from_bytes
+    storage._load_from_bytes = _load_storage_on_cpu
+    try:
+        yield
+    finally:
+        storage._load_from_bytes = original
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -250,6 +302,10 @@ class CVPOTorchLearner(TorchLearner):
             self._threshold_cache[module_id] = config.step_thresholds()
         return self._threshold_cache[module_id]
 
+    def set_step_thresholds(self, module_id: ModuleID, thresholds) -> None:
+        """Sets the E-step's per-step cost thresholds (the Algorithm adapts them; cvpo.threshold)."""
+        self._threshold_cache[module_id] = np.asarray(thresholds, np.float64).reshape(-1)
+
     def _log(self, mid, module, dual, stats, member_mse, q, qc, t_eval, trust) -> None:
         """Records this update's statistics; ``after_gradient_based_update`` logs
         them once per learner call (means over its updates, last values of the
@@ -338,8 +394,18 @@ class CVPOTorchLearner(TorchLearner):
                 polyak_update(target, main, tau)
 
     # -- state ----------------------------------------------------------------------------
+    # The learner's own state holds numpy arrays and Python numbers only (no torch
+    # tensors, no device), so a checkpoint written by a GPU learner unpickles on a
+    # CPU-only machine. The sampling generator lives on the learner's device; its
+    # state is stored under "generator" (CPU) or "generator_<device type>" (e.g.
+    # "generator_cuda": a CUDA generator's state cannot seed a CPU one). A learner
+    # that finds no state for its own device type reseeds deterministically.
+    def _generator_key(self) -> str:
+        kind = self._generator.device.type
+        return GENERATOR_KEY if kind == "cpu" else f"{GENERATOR_KEY}_{kind}"
+
     def _cvpo_state(self) -> Dict[str, Any]:
-        out = {"generator": self._generator.get_state().cpu().numpy()}
+        out = {self._generator_key(): self._generator.get_state().cpu().numpy()}
         for mid in self.module.keys():
             dual = self._dual.get(mid)
             out[mid] = {
@@ -349,13 +415,34 @@ class CVPOTorchLearner(TorchLearner):
                     float(torch.as_tensor(dual[0]).item()),
                     torch.as_tensor(dual[1]).detach().cpu().numpy(),
                 ),
-                "trust_region": self._trust[mid].state_dict(),
+                "trust_region": _to_host(self._trust[mid].state_dict()),
                 "counters": dict(self._counters[mid]),
             }
         return out
 
     def _set_cvpo_state(self, state: Dict[str, Any]) -> None:
-        self._generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8).cpu())
+        state = _to_host(state)  # tensors of any device (older checkpoints) -> numpy
+        key = self._generator_key()
+        if key in state:
+            self._generator.set_state(torch.as_tensor(np.asarray(state[key]), dtype=torch.uint8))
+        else:
+            # e.g. a GPU learner's checkpoint restored on a CPU-only machine: its CUDA
+            # generator state cannot drive a CPU generator. Reseed from the seed and the
+            # number of updates done, so the restore is deterministic.
+            seed = self.config.seed if self.config.seed is not None else 0
+            done = sum(
+                int(s["counters"].get("updates", 0))
+                for mid, s in state.items()
+                if mid in self.module.keys() and isinstance(s, dict) and "counters" in s
+            )
+            self._generator.manual_seed(int(seed) + 7919 + done)
+            stored = sorted(k for k in state if isinstance(k, str) and k.startswith(GENERATOR_KEY))
+            if stored:
+                logger.warning(
+                    "CVPO learner on %s: the checkpoint holds the sampling generator state "
+                    "for %s only; reseeded it from seed %s and %d updates.",
+                    self._generator.device, ", ".join(stored), seed, done,
+                )
         for mid in self.module.keys():
             if mid not in state:
                 continue
@@ -365,7 +452,7 @@ class CVPOTorchLearner(TorchLearner):
             else:
                 eta, lambdas = s["dual"]
                 self._dual[mid] = (
-                    torch.tensor(eta, dtype=torch.float64),
+                    torch.tensor(float(eta), dtype=torch.float64),
                     torch.as_tensor(np.asarray(lambdas)),
                 )
             self._trust[mid].load_state_dict(s["trust_region"])
@@ -379,9 +466,18 @@ class CVPOTorchLearner(TorchLearner):
 
     @override(Learner)
     def set_state(self, state) -> None:
+        if not torch.cuda.is_available():
+            state = _tensors_to_cpu(state)  # a GPU learner's tensors, on a CPU-only machine
         super().set_state(state)
         if LEARNER_STATE_KEY in state:
             self._set_cvpo_state(state[LEARNER_STATE_KEY])
+
+    @override(Learner)
+    def restore_from_path(self, *args, **kwargs) -> None:
+        # A checkpoint whose pickles hold CUDA tensors (older GPU runs) loads on a
+        # CPU-only machine with the tensors mapped to the CPU.
+        with _load_pickled_tensors_on_cpu():
+            return super().restore_from_path(*args, **kwargs)
 
     def get_cvpo_state(self) -> Dict[str, Any]:
         """eta, lambdas, alphas and counters (for tests and diagnostics)."""
