@@ -114,6 +114,8 @@ def build_learner(args, learner_class=None):
             updates_per_learner_call=args.updates_per_call,
             estep_solver=getattr(args, "solver", "newton"),
             num_reward_critics=getattr(args, "reward_critics", 1),
+            num_cost_critics=1,  # the reference (FSRL) has one cost critic
+            cost_critic_reduction="mean",
             episode_horizon=1000,
         )
         .learners(num_gpus_per_learner=1 if args.device == "cuda" else 0)

@@ -63,6 +63,8 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
             num_steps_sampled_before_learning_starts=1000,
             updates_per_learner_call=args.updates_per_call,
             num_reward_critics=args.reward_critics,
+            num_cost_critics=1,  # the reference (FSRL) has one cost critic
+            cost_critic_reduction="mean",
             async_sampling=(not args.sync) if async_sampling is None else async_sampling,
         )
         .debugging(seed=0)
