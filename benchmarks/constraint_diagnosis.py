@@ -17,6 +17,11 @@ deterministic (evaluation) episodes, and prints JSON with:
   error: it equals the limit only for cost spread evenly over full episodes).
 
   .venv/bin/python benchmarks/constraint_diagnosis.py CHECKPOINT [--episodes 20]
+  .venv/bin/python benchmarks/constraint_diagnosis.py --tiny-ablation --write docs/constraint_tiny.md
+
+``--tiny-ablation`` trains the learning test's configuration on the tiny hazard
+task (limit 5, 30 x 1000 steps, seed 0) once per threshold / cost-critic
+setting, diagnoses each final policy and writes the table.
 
 See docs/constraint.md for the measurements and what was changed.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,25 +63,30 @@ def _episodes(module, env_id, env_config, keys, episodes, seed, explore):
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
             torch.manual_seed(seed + ep)
-            O, A, C, R = [], [], [], []
+            seen_obs, seen_act, costs, rewards = [], [], [], []
             done = False
             while not done:
                 a = np.clip(act(obs), low, high)
                 nxt, r, term, trunc, info = env.step(a)
-                O.append(obs)
-                A.append(a)
-                C.append(sum(float(info.get(k, 0.0)) for k in keys))
-                R.append(float(r))
+                seen_obs.append(obs)
+                seen_act.append(a)
+                costs.append(sum(float(info.get(k, 0.0)) for k in keys))
+                rewards.append(float(r))
                 obs, done = nxt, term or trunc
-            out.append({"obs": np.array(O), "act": np.array(A), "cost": np.array(C),
-                        "ret": float(np.sum(R)), "last_obs": obs, "terminated": bool(term)})
+            out.append({"obs": np.array(seen_obs), "act": np.array(seen_act), "cost": np.array(costs),
+                        "ret": float(np.sum(rewards)), "last_obs": obs, "terminated": bool(term)})
     finally:
         env.close()
     return out
 
 
 def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
-    from rllib_ext.evaluate import load_checkpoint_config, load_module, module_policy, resolve_checkpoint_dir
+    from rllib_ext.evaluate import (
+        load_checkpoint_config,
+        load_module,
+        module_policy,
+        resolve_checkpoint_dir,
+    )
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     _, cfg = load_checkpoint_config(ckpt)
@@ -133,12 +144,89 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
     }
 
 
+#: the settings of the ablation: (name, CVPOConfig.training overrides)
+TINY_SETTINGS = [
+    ("paper: even-spread threshold, 1 cost critic",
+     dict(step_threshold_timing="even", num_cost_critics=1, cost_critic_reduction="mean")),
+    ("even threshold + episodic-cost feedback (rate 0.05), 1 cost critic",
+     dict(step_threshold_timing="even", threshold_feedback_rate=0.05, num_cost_critics=1,
+          cost_critic_reduction="mean")),
+    ("measured-timing threshold, 1 cost critic",
+     dict(step_threshold_timing="measured", num_cost_critics=1, cost_critic_reduction="mean")),
+    ("measured-timing threshold, max of 2 cost critics (default)",
+     dict(step_threshold_timing="measured", num_cost_critics=2, cost_critic_reduction="max")),
+]
+
+
+def train_tiny(out: str, iterations: int = 30, **training) -> str:
+    """The learning test's configuration (tests/test_learning.py), trained and saved."""
+    import rllib_ext  # noqa: F401
+    from rllib_ext.cvpo import CVPOConfig
+
+    cfg = (
+        CVPOConfig()
+        .environment("cvpo/PointHazard-v0")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
+        .training(cost_limit=5.0, gamma=0.95, num_sampled_actions=16, num_target_actions=4,
+                  actor_hiddens=[64, 64], critic_hiddens=[64, 64], train_batch_size_per_learner=128,
+                  num_steps_sampled_before_learning_starts=1000, training_intensity=0.25,
+                  updates_per_learner_call=16, learner_torch_threads=1, **training)
+        .debugging(seed=0)
+    )
+    algo = cfg.build_algo()
+    try:
+        for _ in range(iterations):
+            algo.train()
+        return algo.save_to_path(out)
+    finally:
+        algo.stop()
+
+
+def tiny_ablation(write: str | None, episodes: int) -> list:
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, training) in enumerate(TINY_SETTINGS):
+            ckpt = train_tiny(f"{tmp}/run{i}", **training)
+            d = diagnose(ckpt, episodes)
+            d.update(setting=name, training=training)
+            print(json.dumps(d), flush=True)
+            rows.append(d)
+    if write:
+        lines = [
+            "<!-- written by `benchmarks/constraint_diagnosis.py --tiny-ablation`; do not edit -->",
+            f"Tiny hazard task, limit 5, 30 x 1000 env steps, seed 0; {episodes} episodes per policy "
+            "(seeds 10000+). Costs are episodic means (standard error).",
+            "",
+            "| setting | cost, deterministic | cost, stochastic | return, deterministic | critic / Monte-Carlo "
+            "| state-mean G / threshold | episodic cost at the threshold |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for d in rows:
+            lines.append(
+                f"| {d['setting']} | {d['cost_deterministic']:.2f} ({d['cost_deterministic_se']:.2f}) | "
+                f"{d['cost_stochastic']:.2f} ({d['cost_stochastic_se']:.2f}) | {d['return_deterministic']:.2f} | "
+                f"{d['critic_ratio']:.2f} | {d['state_mean_G'] / d['step_threshold']:.2f} | "
+                f"{d['episode_cost_at_threshold']:.2f} |"
+            )
+        Path(write).write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
-    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("checkpoint", nargs="?")
+    p.add_argument("--episodes", type=int, default=40)
     p.add_argument("--seed", type=int, default=10_000)
+    p.add_argument("--tiny-ablation", action="store_true", help="train and diagnose the tiny task's settings")
+    p.add_argument("--write", default=None, help="with --tiny-ablation: write the markdown table here")
     args = p.parse_args(argv)
+    if args.tiny_ablation:
+        tiny_ablation(args.write, args.episodes)
+        return 0
+    if not args.checkpoint:
+        p.error("pass a CHECKPOINT or --tiny-ablation")
     print(json.dumps(diagnose(args.checkpoint, args.episodes, args.seed), indent=2))
     return 0
 

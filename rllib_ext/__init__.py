@@ -6,7 +6,6 @@ id that :func:`cvpo.envs.make_env` accepts.
 """
 
 
-
 def _silence_import_banners() -> None:
     """Drops gymnasium-robotics' AdroitHand notice before anything imports it.
 

@@ -40,6 +40,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "tuned_examples" / "cvpo" / "results"
 RESULTS_MD = REPO / "tuned_examples" / "cvpo" / "RESULTS.md"
+README = REPO / "README.md"
+README_START, README_END = "<!-- results:start", "<!-- results:end -->"
+#: the README's one table: per task and algorithm, mean over seeds
+SUMMARY_COLUMNS = [("final_return", "final return"), ("final_cost", "final cost"),
+                   ("training_cost_rate", "training cost rate")]
 NOTES_MD = RESULTS_DIR / "NOTES.md"  # what was tried where a target is missed (prose)
 RUNS_DIR = Path("results") / "reproduce"
 
@@ -319,7 +324,46 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
         lines += ["", "## Notes", "", f"See [{NOTES_MD.name}]({NOTES_MD.relative_to(out.parent)}) for what was "
                   "tried where a target is missed."]
     out.write_text("\n".join(lines).rstrip() + "\n")
+    if results_dir == RESULTS_DIR:
+        update_readme(records)
     return out
+
+
+def summary_table(records: List[Dict[str, Any]]) -> List[str]:
+    """Per (task, algorithm): seeds, env steps, and the mean (min..max) of the final numbers."""
+    lines = ["| task | algorithm | seeds | env steps | " + " | ".join(t for _, t in SUMMARY_COLUMNS) + " |",
+             "|" + "---|" * (4 + len(SUMMARY_COLUMNS))]
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["algo"]), []).append(r)
+    for (task, algo), rs in groups.items():
+        cells = []
+        for key, _ in SUMMARY_COLUMNS:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if not vals:
+                cells.append("none")
+            elif len(vals) == 1:
+                cells.append(_cell(float(vals[0])))
+            else:
+                cells.append(f"{_cell(float(np.mean(vals)))} ({_cell(float(min(vals)))}..{_cell(float(max(vals)))})")
+        steps = sorted({r["env_steps"] for r in rs})
+        lines.append(f"| {task} | {algo} | {len(rs)} | {_cell(steps[0])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def update_readme(records: List[Dict[str, Any]], readme: Path = README) -> bool:
+    """Rewrites the README's results block from the records; False if it has none."""
+    if not readme.exists():
+        return False
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = summary_table(records) if records else ["(no runs recorded yet)"]
+    block = README_START + " (written by make results; do not edit) -->\n" + "\n".join(body) + "\n" + README_END
+    readme.write_text(head + block + tail)
+    return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:

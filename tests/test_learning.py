@@ -2,18 +2,19 @@
 
 On ``cvpo/PointHazard-v0`` the straight path to the goal crosses a hazard
 (about 13 cost per episode, return about 54) and a detour avoids it (cost 0,
-return about 50); a random policy returns about 0. With the constraint on,
-CVPO must end below the limit (plus a stated tolerance) with a return far
-above random; with the constraint off (limit = inf) the same run must take
-the hazard. Both runs are seeded.
+return about 50); a random policy returns about 0. With a limit of 5 the best
+policy spends its budget: it cuts through the hazard's edge, paying at most 5,
+and returns more than the detour. With the constraint on, CVPO's deterministic
+policy must meet the limit (up to two standard errors of its own evaluation)
+and return more than the detour; with the constraint off (limit = inf) the
+same run must take the hazard. Both runs are seeded.
 
-The tolerance is stated, and derived: CVPO turns the episodic limit C into the
-per-step threshold eps = C (1 - gamma^T) / ((1 - gamma) T), which assumes the
-cost is spread evenly over the episode. Here the hazard is crossed early
-(steps ~20-35 of 100); with gamma = 0.95 the batch-mean Q_c of such a policy is
-about 0.75 C / (T (1 - gamma)), so meeting the per-step threshold allows an
-episodic cost up to ~1.33 C. Measured (seed 0, 16 x 1000 steps): constrained
-cost ~6.6 at C = 5 with return ~51.5; unconstrained cost 12, return ~53.4.
+History (docs/constraint.md): with the paper's even-spread threshold and one
+cost critic this run ended at cost ~6.0-6.9 (the test then allowed 7.5); the
+hazard is crossed early in the episode, where the state-averaged discounted Q_c
+that the E-step bounds counts it less, and the single cost critic
+underestimated the chosen actions' cost by ~10 %. The measured-timing
+threshold and the max over two cost critics (the defaults) end it at ~4.1.
 """
 
 import math
@@ -21,17 +22,18 @@ import math
 import numpy as np
 import pytest
 
-from cvpo.envs import POINT_HAZARD_ID
+from cvpo.envs import POINT_HAZARD_ID, make_env
+from cvpo.envs.point_hazard import detour_policy, run_episode
 from rllib_ext.cvpo import CVPOConfig
 from rllib_ext.evaluate import module_policy, rollout
 
 COST_LIMIT = 5.0
-TOLERANCE = 2.5  # episodic cost units (the 1.33 C bound above plus noise), 20 deterministic episodes
-RANDOM_RETURN = 0.4  # measured: 20 seeds of uniform random actions
-ITERATIONS = 16  # x 1000 env steps
+EVAL_EPISODES = 20
+EVAL_SEED = 1000
+ITERATIONS = {"constrained": 30, "unconstrained": 16}  # x 1000 env steps
 
 
-def train_and_evaluate(cost_limit: float) -> dict:
+def train_and_evaluate(cost_limit: float, iterations: int) -> dict:
     cfg = (
         CVPOConfig()
         .environment(POINT_HAZARD_ID)
@@ -47,34 +49,42 @@ def train_and_evaluate(cost_limit: float) -> dict:
             num_steps_sampled_before_learning_starts=1000,
             training_intensity=0.25,
             updates_per_learner_call=16,
+            learner_torch_threads=1,
         )
         .debugging(seed=0)
     )
     algo = cfg.build_algo()
     try:
-        history = []
-        for _ in range(ITERATIONS):
-            r = algo.train()
-            er = r["env_runners"]
-            history.append((er.get("episode_return_mean"), er.get("episode_cost_mean")))
+        for _ in range(iterations):
+            algo.train()
         act = module_policy(algo.get_module("default_policy"))
-        stats = rollout(act, POINT_HAZARD_ID, {}, episodes=20, seed=1000)
+        stats = rollout(act, POINT_HAZARD_ID, {}, episodes=EVAL_EPISODES, seed=EVAL_SEED)
     finally:
         algo.stop()
+    costs = np.asarray(stats["costs"])
     return {
         "return": float(np.mean(stats["returns"])),
-        "cost": float(np.mean(stats["costs"])),
-        "history": history,
+        "cost": float(costs.mean()),
+        "cost_se": float(costs.std(ddof=1) / math.sqrt(len(costs))),
     }
+
+
+def detour_return() -> float:
+    env = make_env(POINT_HAZARD_ID)
+    try:
+        return float(np.mean([run_episode(env, detour_policy, EVAL_SEED + i)["return"]
+                              for i in range(EVAL_EPISODES)]))
+    finally:
+        env.close()
 
 
 @pytest.mark.slow
 def test_cvpo_meets_cost_limit_and_unconstrained_does_not(ray_local):
-    constrained = train_and_evaluate(COST_LIMIT)
-    unconstrained = train_and_evaluate(math.inf)
-    print("constrained", constrained)
-    print("unconstrained", unconstrained)
-    assert constrained["cost"] <= COST_LIMIT + TOLERANCE, constrained
-    assert constrained["return"] >= RANDOM_RETURN + 30.0, constrained
+    constrained = train_and_evaluate(COST_LIMIT, ITERATIONS["constrained"])
+    unconstrained = train_and_evaluate(math.inf, ITERATIONS["unconstrained"])
+    detour = detour_return()
+    print("constrained", constrained, "unconstrained", unconstrained, "detour return", detour)
+    assert constrained["cost"] <= COST_LIMIT + 2 * constrained["cost_se"], constrained
+    assert constrained["return"] >= detour + 1.5, (constrained, detour)  # more than the detour
     assert unconstrained["cost"] >= COST_LIMIT + 5.0, unconstrained
-    assert unconstrained["return"] >= RANDOM_RETURN + 30.0, unconstrained
+    assert unconstrained["return"] >= detour, (unconstrained, detour)

@@ -72,3 +72,15 @@ def test_results_table_and_targets_from_records(results_dir, tmp_path):
     assert "final return 19.00 vs target 20: **MISSED**" in text
     assert text.count("| SafetyPointGoal1-v0 | CVPO |") == 2
     assert (results_dir / "SafetyPointGoal1-v0.png").exists()
+
+
+def test_readme_block_is_rewritten_from_the_records(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start (old) -->\nstale\n<!-- results:end -->\nafter\n")
+    recs = [{"task": "T", "algo": "CVPO", "seed": s, "env_steps": 500_000, "final_return": r,
+             "final_cost": c, "training_cost_rate": 0.01} for s, (r, c) in enumerate([(20.0, 24.0), (22.0, 20.0)])]
+    assert reproduce.update_readme(recs, readme)
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "| T | CVPO | 2 | 500,000 | 21.00 (20.00..22.00) | 22.00 (20.00..24.00) | 0.0100 (0.0100..0.0100) |" in text
+    assert not reproduce.update_readme(recs, tmp_path / "missing.md")
