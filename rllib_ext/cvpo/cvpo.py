@@ -527,10 +527,12 @@ class CVPO(Algorithm):
 
     def _timing_factor(self) -> np.ndarray:
         """rho / rho_even per constraint: 1 for cost spread evenly, < 1 for early cost."""
-        even = self.config.step_thresholds() / np.asarray(self.config.cost_limits)
+        limits = np.asarray(self.config.cost_limits, dtype=np.float64)
+        active = np.isfinite(limits) & (limits > 0)  # 0 and inf: the threshold is 0 / inf anyway
+        even = np.where(active, self.config.step_thresholds() / np.where(active, limits, 1.0), 1.0)
         if self._timing is None:
             return np.ones_like(even)
-        return self._timing.rho(even) / even
+        return np.where(active, self._timing.rho(even) / even, 1.0)
 
     def step_thresholds(self) -> np.ndarray:
         """The per-step thresholds the E-step uses now: C * rho * kappa (docs/constraint.md)."""
