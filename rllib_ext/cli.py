@@ -627,6 +627,13 @@ def cmd_resume(args) -> int:
 
 
 # -- evaluate --------------------------------------------------------------------------------
+def _limits_text(res: Dict[str, Any]) -> str:
+    from cvpo.constraints import format_limits
+
+    limits = res.get("cost_limits")
+    return "n/a" if not limits else format_limits(list(limits.values()), list(limits))
+
+
 def cmd_evaluate(args) -> int:
     try:
         res = _evaluate(args)
@@ -635,8 +642,10 @@ def cmd_evaluate(args) -> int:
     print(
         f"{res['episodes']} episodes on {res['env']}: mean reward {res['reward_mean']:.3f} "
         f"(std {res['reward_std']:.3f}), mean cost {res['cost_mean']:.3f} "
-        f"(limit {_fmt(res['cost_limit'], 'g')}), violation rate {_fmt(res['violation_rate'], '.2f')}"
+        f"(limit {_limits_text(res)}), violation rate {_fmt(res['violation_rate'], '.2f')}"
     )
+    if res.get("cost_mean_per_key"):
+        print("mean cost per constraint: " + ", ".join(f"{k} {v:.3f}" for k, v in res["cost_mean_per_key"].items()))
     if res.get("video"):
         print(f"video: {res['video']}")
     if args.out:

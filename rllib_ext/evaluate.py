@@ -9,13 +9,14 @@ Security: checkpoints are pickles. Load only checkpoints you trust.
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
+
+from cvpo.constraints import constraint_names, cost_limits, violation_rate
 
 MODULE_SUBDIR = Path("learner_group") / "learner" / "rl_module" / "default_policy"
 CLASS_FILE = "class_and_ctor_args.pkl"
@@ -166,11 +167,10 @@ def evaluate_checkpoint(
     if not isinstance(env_id, str):
         raise CheckpointError(f"the checkpoint's env {env_id!r} is not an id; pass --env ID")
     env_config = dict(config.env_config or {})
-    keys = list(getattr(config, "cost_keys", None) or ["cost"])
-    if cost_limit is None:
-        limits = getattr(config, "cost_limits", None)
-        # episode cost is summed over the cost keys, so is the limit
-        cost_limit = float(sum(limits)) if limits else None
+    keys = constraint_names(getattr(config, "cost_keys", None))
+    # one limit per constraint; --cost-limit X applies X to each of them
+    limit_spec = cost_limit if cost_limit is not None else getattr(config, "cost_limit", None)
+    limits = cost_limits(limit_spec, keys) if limit_spec is not None else None
     module = load_module(ckpt)
     act = _policy(module, explore)
     frames = []
@@ -183,6 +183,7 @@ def evaluate_checkpoint(
     stats = rollout(act, env_id, env_config, keys, episodes=episodes, seed=seed,
                     max_steps=max_steps, frames=frames if render else None)
     returns, costs, lengths = stats["returns"], stats["costs"], stats["lengths"]
+    per_key = np.asarray(stats["costs_per_key"], dtype=np.float64).reshape(len(returns), len(keys))
     result: Dict[str, Any] = {
         "checkpoint": str(ckpt),
         "algorithm": algo_cls.__name__,
@@ -193,11 +194,14 @@ def evaluate_checkpoint(
         "cost_mean": float(np.mean(costs)),
         "cost_std": float(np.std(costs)),
         "episode_length_mean": float(np.mean(lengths)),
-        "cost_limit": cost_limit,
-        "violation_rate": None
-        if cost_limit is None or math.isinf(cost_limit)
-        else float(np.mean([c > cost_limit for c in costs])),
+        # the episode cost is summed over the constraints; so is this limit (display only)
+        "cost_limit": None if limits is None else float(sum(limits)),
+        "cost_limits": None if limits is None else dict(zip(keys, limits)),
+        # an episode violates when ANY constraint's cost exceeds its own limit
+        "violation_rate": None if limits is None else violation_rate(per_key, limits),
     }
+    if len(keys) > 1:
+        result["cost_mean_per_key"] = dict(zip(keys, per_key.mean(axis=0).tolist()))
     if render:
         result["video"] = _write_video(frames, render)
     return result
@@ -214,7 +218,8 @@ def rollout(
     max_steps: Optional[int] = None,
     frames: Optional[list] = None,
 ) -> Dict[str, list]:
-    """Runs ``act(obs) -> action`` for some episodes; per-episode return, cost, length.
+    """Runs ``act(obs) -> action`` for some episodes; per-episode return, cost (summed over
+    ``cost_keys``, and per key), length.
 
     Actions are clipped to the action bounds, as the EnvRunners do. With
     ``frames`` (a list), the first episode's rendered frames are appended to it.
@@ -223,29 +228,31 @@ def rollout(
 
     env = make_env(env_id, **env_config)
     low, high = env.action_space.low, env.action_space.high
-    returns, costs, lengths = [], [], []
+    returns, costs, lengths, per_key = [], [], [], []
     steps_total = 0
     try:
         for ep in range(episodes):
             obs, _ = env.reset(seed=seed + ep)
-            ret, cost, n, done = 0.0, 0.0, 0, False
+            ret, n, done = 0.0, 0, False
+            key_costs = np.zeros(len(cost_keys))
             while not done:
                 obs, r, term, trunc, info = env.step(np.clip(act(obs), low, high))
                 ret += float(r)
-                cost += float(sum(info.get(k, 0.0) for k in cost_keys))
+                key_costs += [float(info.get(k, 0.0)) for k in cost_keys]
                 n += 1
                 steps_total += 1
                 done = term or trunc or (max_steps is not None and steps_total >= max_steps)
                 if frames is not None and ep == 0:
                     frames.append(_render_frame(env))
             returns.append(ret)
-            costs.append(cost)
+            costs.append(float(key_costs.sum()))
+            per_key.append(key_costs.tolist())
             lengths.append(n)
             if max_steps is not None and steps_total >= max_steps:
                 break
     finally:
         env.close()
-    return {"returns": returns, "costs": costs, "lengths": lengths}
+    return {"returns": returns, "costs": costs, "lengths": lengths, "costs_per_key": per_key}
 
 
 def module_policy(module, explore: bool = False):

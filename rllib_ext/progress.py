@@ -48,6 +48,18 @@ def _get(result: Dict[str, Any], path: str) -> Any:
     return node
 
 
+def _limits_text(cfg: Dict[str, Any]) -> Optional[str]:
+    """The configured limits as text ("25", or "cost_hazards 20, cost_vases_contact 5")."""
+    from cvpo.constraints import cost_limits, format_limits
+
+    if cfg.get("cost_limit") is None:
+        return None
+    try:
+        return format_limits(cost_limits(cfg["cost_limit"], cfg.get("cost_keys")), cfg.get("cost_keys"))
+    except (TypeError, ValueError):
+        return str(cfg["cost_limit"])
+
+
 def env_steps(result: Dict[str, Any]) -> Optional[float]:
     """Env steps sampled so far (training EnvRunners only)."""
     steps = _get(result, STEPS_COL)
@@ -80,12 +92,12 @@ class ProgressLine:
                 self.last[name] = value
         last = self.last.get
         cfg = result.get("config", {}) or {}
-        limit = cfg.get("cost_limit")
+        limit = _limits_text(cfg)
         parts = [
             f"iter {result.get('training_iteration', '?'):>4}",
             f"steps {_fmt(env_steps(result), ',.0f')}",
             f"return {_fmt(last('return'))}",
-            f"cost {_fmt(last('cost'))}" + (f" (limit {_fmt(limit, 'g')})" if limit is not None else ""),
+            f"cost {_fmt(last('cost'))}" + (f" (limit {limit})" if limit is not None else ""),
         ]
         if last("violation") is not None:
             parts.append(f"over limit {_fmt(100 * last('violation'), '.0f')}%")
