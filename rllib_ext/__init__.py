@@ -1,8 +1,8 @@
-"""RLlib integration for CVPO.
+"""RLlib integration for CVPO (and its SAC-Lagrangian baseline, SACLag).
 
-Importing this package registers the algorithm "CVPO" with Ray Tune (so
-``tune.Tuner("CVPO", ...)`` and YAML experiment files find it) and every env
-id that :func:`cvpo.envs.make_env` accepts.
+Importing this package registers the algorithms "CVPO" and "SACLag" with Ray
+Tune (so ``tune.Tuner("CVPO", ...)`` and YAML experiment files find them) and
+every env id that :func:`cvpo.envs.make_env` accepts.
 """
 
 
@@ -12,11 +12,13 @@ from ray.tune.registry import register_trainable  # noqa: E402
 import cvpo  # noqa: E402,F401  (drops third-party import banners first)
 from rllib_ext.cvpo import CVPO, CVPOConfig  # noqa: E402
 from rllib_ext.envs import register_all  # noqa: E402
+from rllib_ext.sac_lag import SACLag, SACLagConfig  # noqa: E402
 
 
 def register() -> None:
-    """(Re-)registers "CVPO" and the env ids with Tune's registry."""
+    """(Re-)registers "CVPO", "SACLag" and the env ids with Tune's registry."""
     register_trainable("CVPO", CVPO)
+    register_trainable("SACLag", SACLag)
     register_all(force=True)
 
 
@@ -25,4 +27,4 @@ register()
 # the same process (tests, notebooks) starts without them, so register again.
 ray._private.worker._post_init_hooks.append(register)
 
-__all__ = ["CVPO", "CVPOConfig", "register"]
+__all__ = ["CVPO", "CVPOConfig", "SACLag", "SACLagConfig", "register"]

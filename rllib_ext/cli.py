@@ -217,22 +217,35 @@ def build_train_file_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers --------------------------------------------------------------------------------
+#: this project's algorithms (their configs set the cost callbacks and are checked here)
+OWN_ALGORITHMS = ("CVPO", "SACLag")
+
+
+def _own_algorithm(name: str):
+    """(Algorithm class, config class) of one of :data:`OWN_ALGORITHMS`."""
+    if name == "CVPO":
+        from rllib_ext.cvpo import CVPO, CVPOConfig
+
+        return CVPO, CVPOConfig
+    from rllib_ext.sac_lag import SACLag, SACLagConfig
+
+    return SACLag, SACLagConfig
+
+
 def _known_algorithms() -> List[str]:
     from ray.rllib.algorithms.registry import ALGORITHMS
 
-    return sorted(set(ALGORITHMS) | {"CVPO"})
+    return sorted(set(ALGORITHMS) | set(OWN_ALGORITHMS))
 
 
 def resolve_algorithm(name: Optional[str]):
-    """The Algorithm class for ``name`` (registered CVPO, or an RLlib built-in)."""
-    import rllib_ext  # noqa: F401  (registers CVPO)
+    """The Algorithm class for ``name`` (registered CVPO or SACLag, or an RLlib built-in)."""
+    import rllib_ext  # noqa: F401  (registers CVPO and SACLag)
 
     if not name:
-        raise CLIError("no algorithm given: pass --algo CVPO (or PPO, SAC, ...)")
-    if name == "CVPO":
-        from rllib_ext.cvpo import CVPO
-
-        return CVPO
+        raise CLIError("no algorithm given: pass --algo CVPO (or SACLag, PPO, SAC, ...)")
+    if name in OWN_ALGORITHMS:
+        return _own_algorithm(name)[0]
     known = _known_algorithms()
     if name not in known:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
@@ -293,24 +306,24 @@ def _experiment_config(algo_name: str, env: str, config: Dict[str, Any]) -> Dict
 
     param_space = dict(config)
     param_space["env"] = env
-    if algo_name != "CVPO":
+    if algo_name not in OWN_ALGORITHMS:
         param_space.setdefault("callbacks", CostMetricsCallback)
     return param_space
 
 
-def _check_cvpo_config(param_space: Dict[str, Any]) -> None:
-    """Validates a CVPO config before Tune starts (grid-search values are skipped)."""
-    from rllib_ext.cvpo import CVPOConfig
+def _check_cvpo_config(param_space: Dict[str, Any], algo_name: str = "CVPO") -> None:
+    """Validates a CVPO (or SACLag) config before Tune starts (grid-search values are skipped)."""
+    config_cls = _own_algorithm(algo_name)[1]
 
     plain = {k: v for k, v in param_space.items() if not (isinstance(v, dict) and "grid_search" in v)}
-    unknown = [k for k in plain if k != "env" and not hasattr(CVPOConfig(), k)]
+    unknown = [k for k in plain if k != "env" and not hasattr(config_cls(), k)]
     if unknown:
-        known = [k for k in vars(CVPOConfig()) if not k.startswith("_")]
+        known = [k for k in vars(config_cls()) if not k.startswith("_")]
         hints = {k: difflib.get_close_matches(k, known, n=2) for k in unknown}
         msg = "; ".join(f"{k!r}" + (f" (did you mean {h}?)" if h else "") for k, h in hints.items())
-        raise CLIError(f"unknown CVPO config key(s): {msg}")
+        raise CLIError(f"unknown {algo_name} config key(s): {msg}")
     try:
-        check = CVPOConfig().update_from_dict(plain)
+        check = config_cls().update_from_dict(plain)
         check.num_gpus_per_learner = 0  # GPUs are Tune's business once Ray runs
         check.validate()
     except ValueError as err:
@@ -414,8 +427,8 @@ def run_experiments(experiments: Dict[str, Dict[str, Any]], args) -> int:
         for e in env["grid_search"] if env_grid else [env]:
             check_env(e, config.get("env_config") or {})
         param_space = _experiment_config(algo_name, env, config)
-        if algo_name == "CVPO" and not env_grid:
-            _check_cvpo_config(param_space)
+        if algo_name in OWN_ALGORITHMS and not env_grid:
+            _check_cvpo_config(param_space, algo_name)
         prepared.append((name, spec, algo_cls, param_space))
 
     tune_callbacks(args)  # a missing wandb or W&B login fails here, before Ray starts

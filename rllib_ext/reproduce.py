@@ -127,6 +127,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _log_row(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The numbers of one iteration worth keeping in the run folder's progress.jsonl."""
+    from rllib_ext.cvpo import metrics as M
+
+    row: Dict[str, Any] = {"iteration": result.get("training_iteration"), "time_s": result.get("time_total_s")}
+    sections = {
+        "train": result.get("env_runners") or {},
+        "eval": (result.get(M.EVALUATION_RESULTS) or {}).get("env_runners") or {},
+        "learner": (result.get("learners") or {}).get("default_policy") or {},
+        "driver": result.get(M.CVPO_RESULTS) or {},
+    }
+    for name, section in sections.items():
+        for key, value in section.items():
+            try:
+                row[f"{name}/{key}"] = float(value)
+            except (TypeError, ValueError):
+                continue
+    return row
+
+
 def _eval_costs(er: Dict[str, Any]) -> Optional[float]:
     from rllib_ext.cvpo import metrics as M
 
@@ -157,10 +177,13 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
     curve: List[Dict[str, float]] = []
     interval = config.evaluation_interval
     t0 = time.time()
+    log = open(run_dir / "progress.jsonl", "w")
     try:
         while True:
             result = algorithm.train()
             print(line(result), flush=True)
+            log.write(json.dumps(_log_row(result)) + "\n")
+            log.flush()
             n = env_steps(result) or 0.0
             er = result.get("env_runners", {})
             point = {"env_steps": n, "train_return": er.get(M.EPISODE_RETURN_MEAN),
@@ -179,6 +202,7 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
         algorithm.save_to_path(str(final_dir))
         best_dir = Path(algorithm.best_feasible_checkpoint_dir())
     finally:
+        log.close()
         algorithm.stop()
 
     final = evaluate_checkpoint(final_dir, episodes=FINAL_EPISODES, seed=FINAL_SEED)

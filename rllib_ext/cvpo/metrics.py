@@ -1,8 +1,9 @@
-"""Every metric key CVPO writes, in one place.
+"""Every metric key CVPO and SACLag write, in one place.
 
 EnvRunner metrics appear under ``result["env_runners"]``; learner metrics
 under ``result["learners"]["default_policy"]``; driver metrics under
-``result["cvpo"]``.
+``result["cvpo"]`` (for SACLag too: the driver's results of this project's
+algorithms).
 """
 
 # -- EnvRunner (per episode, averaged over the smoothing window) -------------------------
@@ -49,6 +50,12 @@ QC_MEAN_PREFIX = "qc_mean_"  # + constraint name
 STEP_THRESHOLD_PREFIX = "step_threshold_"  # + constraint name
 NUM_SKIPPED_UPDATES = "num_updates_skipped_nonfinite"
 NUM_UPDATES = "num_gradient_updates"
+# SACLag's learner (reward/cost critic losses, Q_MEAN and QC_MEAN_PREFIX as above)
+ACTOR_LOSS = "actor_loss"  # alpha log pi - Q_r + sum_k lambda_k Q_c,k (normalised if set)
+ENTROPY_ALPHA = "entropy_alpha"  # the entropy temperature alpha
+ENTROPY_ALPHA_LOSS = "entropy_alpha_loss"
+POLICY_ENTROPY = "policy_entropy"  # -mean log pi of the sampled actions ([-1, 1] units)
+LAGRANGE_MULTIPLIER_PREFIX = "lagrange_multiplier_"  # + constraint name (also on the driver)
 
 # -- Driver --------------------------------------------------------------------------------
 CVPO_RESULTS = "cvpo"
@@ -56,3 +63,7 @@ REPLAY_SIZE = "replay_size"
 UPDATES_LIFETIME = "num_gradient_updates_lifetime"
 THRESHOLD_SCALE_PREFIX = "threshold_scale_"  # + constraint name: feedback kappa (cvpo.threshold)
 THRESHOLD_TIMING_PREFIX = "threshold_timing_"  # + constraint name: rho / rho_even (cvpo.threshold)
+# SACLag (cvpo.lagrange): under result["cvpo"], per constraint
+LAGRANGE_EPISODE_COST_PREFIX = "lagrange_episode_cost_"  # + name: J of the latest update
+LAGRANGE_PID_INTEGRAL_PREFIX = "lagrange_pid_integral_"  # + name: the PID's I (PID only)
+LAGRANGE_UPDATES = "lagrange_updates"  # multiplier updates so far

@@ -1,8 +1,13 @@
-"""CVPOConfig checks: every bad value gets a message naming the key and range.
+"""Config checks of CVPOConfig (and, shared, of SACLagConfig): every bad value gets
+a message naming the key and range.
 
-Also: the GPU fallback (``num_gpus_per_learner`` > 0 where no GPU can be had
-becomes 0, with a one-line notice) and :func:`check_algorithm_checkpoint`, the
-clear errors for a checkpoint that is missing, damaged, or another algorithm's.
+:func:`validate_off_policy_config` checks the keys every
+:class:`rllib_ext.common.off_policy.ConstrainedOffPolicyConfig` has and probes
+the env; :func:`validate_cvpo_config` adds CVPO's own keys
+(:mod:`rllib_ext.sac_lag.validation` adds SACLag's). Also: the GPU fallback
+(``num_gpus_per_learner`` > 0 where no GPU can be had becomes 0, with a
+one-line notice) and :func:`check_algorithm_checkpoint`, the clear errors for a
+checkpoint that is missing, damaged, or another algorithm's.
 """
 
 from __future__ import annotations
@@ -23,12 +28,30 @@ from rllib_ext.cvpo.cvpo import COST_REDUCTIONS, ESTEP_SOLVERS, REWARD_REDUCTION
 logger = logging.getLogger(__name__)
 
 
-class CVPOConfigError(ValueError):
+class ConfigError(ValueError):
+    """A config value of one of this project's algorithms outside its allowed range."""
+
+
+class CVPOConfigError(ConfigError):
     """A CVPOConfig value outside its allowed range."""
 
 
-def _bad(key: str, value: Any, allowed: str) -> CVPOConfigError:
-    return CVPOConfigError(f"CVPOConfig: `{key}`={value!r} is invalid; allowed: {allowed}.")
+def _config_name(cfg) -> str:
+    return "CVPOConfig" if cfg is None else type(cfg).__name__
+
+
+def _algo_name(cfg) -> str:
+    return _config_name(cfg).removesuffix("Config")
+
+
+def _error(cfg) -> type:
+    return getattr(type(cfg), "config_error", CVPOConfigError)
+
+
+def _bad(key: str, value: Any, allowed: str, cfg=None) -> ConfigError:
+    """The error for ``key``; its class is the config's ``config_error`` (CVPOConfigError)."""
+    error = _error(cfg) if cfg is not None else CVPOConfigError
+    return error(f"{_config_name(cfg)}: `{key}`={value!r} is invalid; allowed: {allowed}.")
 
 
 def _is_real(x: Any) -> bool:
@@ -47,37 +70,50 @@ def _positive(cfg, key: str, *, allow_zero: bool = False, integer: bool = False,
         rng = ">= 0" if allow_zero else "> 0"
         if upper is not None:
             rng += f" and <= {upper}"
-        raise _bad(key, v, f"{kind} {rng}")
+        raise _bad(key, v, f"{kind} {rng}", cfg)
 
 
 def _choice(cfg, key: str, choices) -> None:
     v = getattr(cfg, key)
     if v not in choices:
-        raise _bad(key, v, " or ".join(repr(c) for c in choices))
+        raise _bad(key, v, " or ".join(repr(c) for c in choices), cfg)
 
 
-def validate_cvpo_config(cfg) -> None:
-    """Checks CVPO's keys, then probes the env (horizon, spaces, cost signal)."""
+def _check_bool(cfg, key: str) -> None:
+    if not isinstance(getattr(cfg, key), bool):
+        raise _bad(key, getattr(cfg, key), "True or False", cfg)
+
+
+def check_constraint_keys(cfg) -> None:
+    """cost_keys and cost_limit (one limit per constraint, >= 0, inf turns one off)."""
     if cfg.cost_keys is not None:
         if isinstance(cfg.cost_keys, str) or not all(isinstance(k, str) for k in cfg.cost_keys):
-            raise _bad("cost_keys", cfg.cost_keys, "a list of info key strings, e.g. ['cost']")
+            raise _bad("cost_keys", cfg.cost_keys, "a list of info key strings, e.g. ['cost']", cfg)
         if len(cfg.cost_keys) == 0:
-            raise _bad("cost_keys", cfg.cost_keys, "a non-empty list (or None for ['cost'])")
+            raise _bad("cost_keys", cfg.cost_keys, "a non-empty list (or None for ['cost'])", cfg)
     names = cfg.constraint_names
     try:
         cost_limits(cfg.cost_limit, names)  # the one normalisation of the limits
     except TypeError:
         raise _bad(
-            "cost_limit", cfg.cost_limit, "a float >= 0 (math.inf disables) or a list of them"
+            "cost_limit", cfg.cost_limit, "a float >= 0 (math.inf disables) or a list of them", cfg
         ) from None
     except CostLimitCountError:
         raise _bad(
             "cost_limit",
             cfg.cost_limit,
             f"a float or a list of {len(names)} floats (one per constraint {names})",
+            cfg,
         ) from None
     except ValueError:
-        raise _bad("cost_limit", cfg.cost_limit, "floats >= 0 (inf turns a constraint off)") from None
+        raise _bad(
+            "cost_limit", cfg.cost_limit, "floats >= 0 (inf turns a constraint off)", cfg
+        ) from None
+
+
+def validate_cvpo_config(cfg) -> None:
+    """Checks CVPO's keys, then the shared ones, then probes the env (horizon, spaces, cost signal)."""
+    check_constraint_keys(cfg)
     _check_num_learners(cfg)
     _positive(cfg, "kl_bound")
     k = cfg.num_sampled_actions
@@ -92,18 +128,24 @@ def validate_cvpo_config(cfg) -> None:
     if not (isinstance(kr, (list, tuple)) and len(kr) == 2 and all(_is_real(x) for x in kr)
             and 0 < kr[0] <= 1 <= kr[1]):
         raise _bad("threshold_kappa_range", kr, "(min, max) with 0 < min <= 1 <= max")
-    if not isinstance(cfg.keep_best_feasible_checkpoint, bool):
-        raise _bad("keep_best_feasible_checkpoint", cfg.keep_best_feasible_checkpoint, "True or False")
     for key in ("mstep_kl_mu", "mstep_kl_sigma", "alpha_lr", "alpha_mu_max", "alpha_sigma_max"):
         _positive(cfg, key)
+    _positive(cfg, "num_target_actions", integer=True)
+    validate_off_policy_config(cfg)
+
+
+def validate_off_policy_config(cfg) -> None:
+    """The keys of every ConstrainedOffPolicyConfig (after the algorithm's own), the GPU
+    fallback, and the env probe."""
+    _check_bool(cfg, "keep_best_feasible_checkpoint")
     for key in ("actor_lr", "critic_lr"):
         _positive(cfg, key)
     _positive(cfg, "tau", upper=1.0)
     _positive(cfg, "n_step", integer=True)
     g = cfg.gamma
     if not (_is_real(g) and 0.0 < g < 1.0):
-        raise _bad("gamma", g, "a float strictly between 0 and 1")
-    for key in ("num_reward_critics", "num_cost_critics", "num_target_actions"):
+        raise _bad("gamma", g, "a float strictly between 0 and 1", cfg)
+    for key in ("num_reward_critics", "num_cost_critics"):
         _positive(cfg, key, integer=True)
     _choice(cfg, "reward_critic_reduction", REWARD_REDUCTIONS)
     _choice(cfg, "cost_critic_reduction", COST_REDUCTIONS)
@@ -117,10 +159,11 @@ def validate_cvpo_config(cfg) -> None:
             cfg.replay_capacity,
             f"at least train_batch_size_per_learner={cfg.train_batch_size_per_learner} "
             "(a smaller buffer never fills a minibatch, so learning would never start)",
+            cfg,
         )
     _positive(cfg, "num_steps_sampled_before_learning_starts", allow_zero=True, integer=True)
     if not (_is_real(cfg.std_min) and _is_real(cfg.std_max) and 0 < cfg.std_min < cfg.std_max):
-        raise _bad("std_min/std_max", (cfg.std_min, cfg.std_max), "0 < std_min < std_max")
+        raise _bad("std_min/std_max", (cfg.std_min, cfg.std_max), "0 < std_min < std_max", cfg)
     for key in ("actor_hiddens", "critic_hiddens"):
         h = getattr(cfg, key)
         if not (
@@ -128,27 +171,30 @@ def validate_cvpo_config(cfg) -> None:
             and len(h) > 0
             and all(isinstance(x, numbers.Integral) and x > 0 for x in h)
         ):
-            raise _bad(key, h, "a non-empty list of positive layer sizes, e.g. [128, 128]")
+            raise _bad(key, h, "a non-empty list of positive layer sizes, e.g. [128, 128]", cfg)
     if cfg.episode_horizon is not None:
         _positive(cfg, "episode_horizon", integer=True)
-    if not isinstance(cfg.async_sampling, bool):
-        raise _bad("async_sampling", cfg.async_sampling, "True or False")
+    _check_bool(cfg, "async_sampling")
     if cfg.learner_torch_threads is not None:
         _positive(cfg, "learner_torch_threads", integer=True)
     _gpu_fallback(cfg)
     _probe_env(cfg)
 
 
-def _check_num_learners(cfg) -> None:
+CVPO_LEARNER_STATE_WHY = (
+    "CVPO's learner keeps the E-step duals (eta, lambda) and the M-step trust-region "
+    "multipliers (alpha_mu, alpha_sigma) as its own state, which data-parallel learners "
+    "would update apart and let diverge."
+)
+
+
+def _check_num_learners(cfg, why: str = CVPO_LEARNER_STATE_WHY) -> None:
     """More than one learner is refused (one line: what to use, and why)."""
     n = getattr(cfg, "num_learners", 0)
     if _is_real(n) and n > 1:
-        raise CVPOConfigError(
-            f"CVPOConfig: `num_learners`={n!r} is not supported; use num_learners=0 (learner in "
-            "the driver) or 1 (one remote learner, e.g. on a GPU): CVPO's learner keeps the "
-            "E-step duals (eta, lambda) and the M-step trust-region multipliers (alpha_mu, "
-            "alpha_sigma) as its own state, which data-parallel learners would update apart "
-            "and let diverge."
+        raise _error(cfg)(
+            f"{_config_name(cfg)}: `num_learners`={n!r} is not supported; use num_learners=0 "
+            "(learner in the driver) or 1 (one remote learner, e.g. on a GPU): " + why
         )
 
 
@@ -198,8 +244,9 @@ def _gpu_fallback(cfg) -> None:
     if ok:
         return
     logger.warning(
-        "CVPO: num_gpus_per_learner=%s but no GPU is available (%s); "
+        "%s: num_gpus_per_learner=%s but no GPU is available (%s); "
         "falling back to num_gpus_per_learner=0: the learner runs on CPU.",
+        _algo_name(cfg),
         n,
         why,
     )
@@ -211,9 +258,9 @@ def _probe_env(cfg) -> None:
     from rllib_ext.envs import probe_env
 
     if cfg.env is None:
-        raise CVPOConfigError(
-            "CVPOConfig: no env set; call .environment('SafetyPointGoal1-v0') (or any id "
-            "cvpo.envs.make_env accepts)."
+        raise _error(cfg)(
+            f"{_config_name(cfg)}: no env set; call .environment('SafetyPointGoal1-v0') (or any "
+            "id cvpo.envs.make_env accepts)."
         )
     from cvpo import envs as cvpo_envs
 
@@ -230,14 +277,14 @@ def _probe_env(cfg) -> None:
         raise  # already one clear message naming the env
     except Exception as err:  # noqa: BLE001 (the env's own constructor/reset/step failed)
         first = str(err).splitlines()[0] if str(err) else ""
-        raise CVPOConfigError(
-            f"CVPOConfig: env {cfg.env!r} could not be built and stepped with "
+        raise _error(cfg)(
+            f"{_config_name(cfg)}: env {cfg.env!r} could not be built and stepped with "
             f"env_config={env_config!r}: {type(err).__name__}: {first}. Check the env_config "
             "keys (they go to cvpo.envs.make_env and the env's constructor)."
         ) from None
     if not isinstance(info.action_space, gym.spaces.Box):
-        raise CVPOConfigError(
-            f"CVPO needs a continuous (Box) action space; env {cfg.env!r} has "
+        raise _error(cfg)(
+            f"{_algo_name(cfg)} needs a continuous (Box) action space; env {cfg.env!r} has "
             f"{info.action_space}. Use a continuous-control task."
         )
     if cfg.observation_space is None:
@@ -246,9 +293,11 @@ def _probe_env(cfg) -> None:
         cfg.action_space = info.action_space
     if cfg.episode_horizon is None:
         if info.horizon is None:
-            raise CVPOConfigError(
+            if not getattr(type(cfg), "needs_episode_horizon", True):
+                return  # SACLag: nothing depends on T
+            raise _error(cfg)(
                 f"env {cfg.env!r} has no time limit, so the per-step cost threshold is "
-                "undefined; set CVPOConfig.training(episode_horizon=T)."
+                f"undefined; set {_config_name(cfg)}.training(episode_horizon=T)."
             )
         cfg.episode_horizon = int(info.horizon)
 

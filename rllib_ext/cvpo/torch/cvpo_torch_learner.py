@@ -202,17 +202,18 @@ class CVPOTorchLearner(TorchLearner):
             return q.max(dim=dim).values
         return q.mean(dim=dim)
 
-    def _values(self, module, critics, obs, actions, cfg):
+    def _values(self, module, critics, obs, actions, cfg, cost_reduction=None):
         """Reward and cost values from one batched critic pass.
 
-        obs (B, o), actions (B, K, d) -> q (B, K), qc (m, B, K).
+        obs (B, o), actions (B, K, d) -> q (B, K), qc (m, B, K). Each constraint's
+        cost critics are combined by ``cost_reduction`` (default: the config's).
         """
         low, high = module._action_low, module._action_high
         q_all = critics(obs, torch.clamp(actions, low, high))  # (M, B, K)
         E, m, Ec = module.num_reward_critics, module.num_constraints, module.num_cost_critics
         q = self._reduce(q_all[:E], cfg.reward_critic_reduction, 0)  # (B, K)
         qc = q_all[E:].reshape(m, Ec, *q_all.shape[1:])  # (m, Ec, B, K)
-        qc = self._reduce(qc, cfg.cost_critic_reduction, 1)  # (m, B, K)
+        qc = self._reduce(qc, cost_reduction or cfg.cost_critic_reduction, 1)  # (m, B, K)
         return q, qc
 
     @override(Learner)
@@ -241,7 +242,12 @@ class CVPOTorchLearner(TorchLearner):
         with torch.no_grad():
             mu_next, std_next = module.target_actor(next_obs)  # (B, d)
             a_next = self._sample(mu_next, std_next, config.num_target_actions)  # (B, Kt, d)
-            v_next, vc_next = self._values(module, module.target_critics, next_obs, a_next, config)
+            # the cost target bootstraps with cost_target_reduction (default the mean):
+            # a max here compounds over the horizon (docs/constraint.md)
+            v_next, vc_next = self._values(
+                module, module.target_critics, next_obs, a_next, config,
+                cost_reduction=config.cost_target_reduction,
+            )
             y_r = rewards + discounts * v_next.mean(-1)  # (B,)
             y_c = costs.T + discounts * vc_next.mean(-1)  # (m, B)
             target = torch.cat(
