@@ -147,14 +147,15 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
 #: the settings of the ablation: (name, CVPOConfig.training overrides)
 TINY_SETTINGS = [
     ("paper: even-spread threshold, 1 cost critic",
-     dict(step_threshold_timing="even", num_cost_critics=1, cost_critic_reduction="mean")),
+     dict(step_threshold_timing="even")),
     ("even threshold + episodic-cost feedback (rate 0.05), 1 cost critic",
-     dict(step_threshold_timing="even", threshold_feedback_rate=0.05, num_cost_critics=1,
-          cost_critic_reduction="mean")),
-    ("measured-timing threshold, 1 cost critic",
-     dict(step_threshold_timing="measured", num_cost_critics=1, cost_critic_reduction="mean")),
-    ("measured-timing threshold, max of 2 cost critics (default)",
-     dict(step_threshold_timing="measured", num_cost_critics=2, cost_critic_reduction="max")),
+     dict(step_threshold_timing="even", threshold_feedback_rate=0.05)),
+    ("measured-timing threshold, 1 cost critic (default)",
+     dict(step_threshold_timing="measured")),
+    ("measured timing, max of 2 cost critics in the E-step, mean in the TD target",
+     dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="mean")),
+    ("measured timing, max of 2 cost critics in the E-step and the TD target (the learning test)",
+     dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="max")),
 ]
 
 
