@@ -149,6 +149,7 @@ def validate_off_policy_config(cfg) -> None:
         _positive(cfg, key, integer=True)
     _choice(cfg, "reward_critic_reduction", REWARD_REDUCTIONS)
     _choice(cfg, "cost_critic_reduction", COST_REDUCTIONS)
+    _choice(cfg, "cost_target_reduction", COST_REDUCTIONS)
     _positive(cfg, "train_batch_size_per_learner", integer=True)
     _positive(cfg, "training_intensity")
     _positive(cfg, "updates_per_learner_call", integer=True)

@@ -6,9 +6,9 @@ columns as CVPO's: ``obs, actions, rewards, costs (B, m), next_obs, discounts``)
 1. critics: every member regresses onto its n-step TD target with a' ~ pi(.|s')
    from the CURRENT actor and the target critics,
    ``y_r = R + discount * (reduce_r Q_r'(s', a') - alpha log pi(a'|s'))`` for the
-   reward members and ``y_c,k = C_k + discount * mean Q_c,k'(s', a')`` (the mean
-   over constraint k's cost critics, as in CVPO) for its cost members (no
-   entropy bonus in the cost);
+   reward members and ``y_c,k = C_k + discount * reduce_t Q_c,k'(s', a')`` (reduce_t:
+   ``cost_target_reduction`` over constraint k's cost critics, as in CVPO) for its
+   cost members (no entropy bonus in the cost);
 2. actor: a ~ pi(.|s) reparameterised,
    ``L_pi = mean_s [alpha log pi(a|s) - reduce_r Q_r(s, a) + sum_k lambda_k reduce_c Q_c,k(s, a)]``,
    divided by ``1 + sum_k lambda_k`` when ``lagrangian_normalize_actor_loss``;
@@ -148,10 +148,10 @@ class SACLagTorchLearner(TorchLearner):
             squashed_next, logp_next = module.squashed_sample(mu_next, std_next, self._generator)
             q_next = module.target_critics(next_obs, module.to_env_units(squashed_next))  # (M, B)
             v_r = _reduce(q_next[:E], config.reward_critic_reduction, 0) - alpha * logp_next
-            # the cost target bootstraps from the MEAN of each constraint's cost critics, as
-            # CVPO's does (a max compounds over the horizon); the pessimistic
-            # cost_critic_reduction acts in the actor loss only
-            v_c = q_next[E:].reshape(m, Ec, B).mean(dim=1)  # (m, B)
+            # the cost target reduces each constraint's critics by cost_target_reduction
+            # (default the mean: a max compounds over the horizon, docs/constraint.md);
+            # cost_critic_reduction acts in the actor loss
+            v_c = _reduce(q_next[E:].reshape(m, Ec, B), config.cost_target_reduction, 1)  # (m, B)
             y_r = rewards + discounts * v_r  # (B,)
             y_c = costs.T + discounts * v_c  # (m, B)
             target = torch.cat([y_r.expand(E, -1), y_c.repeat_interleave(Ec, dim=0)])  # (M, B)
