@@ -14,7 +14,8 @@ cost critic this run ended at cost ~6.0-6.9 (the test then allowed 7.5); the
 hazard is crossed early in the episode, where the state-averaged discounted Q_c
 that the E-step bounds counts it less, and the single cost critic
 underestimated the chosen actions' cost by ~10 %. The measured-timing
-threshold and the max over two cost critics (the defaults) end it at ~4.1.
+threshold (the default) and pessimistic cost critics (the max of two, set
+here) end it at ~4.1.
 """
 
 import math
