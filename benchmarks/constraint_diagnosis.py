@@ -145,17 +145,19 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
 
 
 #: the settings of the ablation: (name, CVPOConfig.training overrides)
+_ONE = dict(num_cost_critics=1, cost_critic_reduction="mean", cost_target_reduction="mean")
+_TWO_MAX = dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="max")
 TINY_SETTINGS = [
     ("paper: even-spread threshold, 1 cost critic",
-     dict(step_threshold_timing="even")),
+     dict(step_threshold_timing="even", threshold_feedback_rate=0.0, **_ONE)),
     ("even threshold + episodic-cost feedback (rate 0.05), 1 cost critic",
-     dict(step_threshold_timing="even", threshold_feedback_rate=0.05)),
-    ("measured-timing threshold, 1 cost critic (default)",
-     dict(step_threshold_timing="measured")),
-    ("measured timing, max of 2 cost critics in the E-step, mean in the TD target",
-     dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="mean")),
+     dict(step_threshold_timing="even", threshold_feedback_rate=0.05, **_ONE)),
+    ("measured-timing threshold, 1 cost critic",
+     dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_ONE)),
+    ("measured timing + feedback (rate 0.03), 1 cost critic (the defaults)",
+     dict(step_threshold_timing="measured", threshold_feedback_rate=0.03, **_ONE)),
     ("measured timing, max of 2 cost critics in the E-step and the TD target (the learning test)",
-     dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="max")),
+     dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_TWO_MAX)),
 ]
 
 
