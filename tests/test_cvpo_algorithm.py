@@ -54,12 +54,15 @@ def test_training_reports_cost_and_learner_metrics(ray_local):
                 M.ESTEP_SOLVE_TIME_S):
         assert np.isfinite(float(pol[key])), key
     assert float(pol[M.ETA]) > 0
-    # the even-spread formula times the measured timing factor and the feedback scale
+    # the even-spread formula times the measured timing factor and the feedback scale;
+    # at T = 100 and gamma = 0.99 the formula's (1 - gamma^T) = 0.63 is one the critics'
+    # bootstrap at the time limit does not have, so even spread measures 1 / 0.63 = 1.58
     cv = r2[M.CVPO_RESULTS]
-    assert 0.0 < cv[M.THRESHOLD_TIMING_PREFIX + "cost"] <= 1.5
-    assert cv[M.THRESHOLD_SCALE_PREFIX + "cost"] == 1.0  # feedback is off by default
+    assert 0.0 < cv[M.THRESHOLD_TIMING_PREFIX + "cost"] <= 2.5
+    assert 0.05 <= cv[M.THRESHOLD_SCALE_PREFIX + "cost"] <= 1.0
     assert float(pol[M.STEP_THRESHOLD_PREFIX + "cost"]) == pytest.approx(
-        5.0 * (1 - 0.99**100) / (0.01 * 100) * cv[M.THRESHOLD_TIMING_PREFIX + "cost"]
+        5.0 * (1 - 0.99**100) / (0.01 * 100)
+        * cv[M.THRESHOLD_TIMING_PREFIX + "cost"] * cv[M.THRESHOLD_SCALE_PREFIX + "cost"]
     )
     counts = sum(int(pol[M.ESTEP_STATUS_PREFIX + s]) for s in ("converged", "max_iter", "infeasible"))
     assert counts > 0

@@ -117,8 +117,9 @@ def test_cli_sweep_then_report(cli_sweep):
             last = list(csv.DictReader(f))[-1]
         threshold = float(last["learners/default_policy/step_threshold_cost"])
         timing = float(last["cvpo/threshold_timing_cost"])
-        assert 0.0 < timing <= 1.5
-        assert threshold == pytest.approx(limit * (1 - 0.99**100) / (0.01 * 100) * timing)
+        scale = float(last["cvpo/threshold_scale_cost"])
+        assert 0.0 < timing <= 2.5 and 0.05 <= scale <= 1.0
+        assert threshold == pytest.approx(limit * (1 - 0.99**100) / (0.01 * 100) * timing * scale)
 
     rep = _ok(_run([*_rllib(), "report", exp_dir]))
     for kind in ("csv", "markdown", "png"):
