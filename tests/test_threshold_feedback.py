@@ -8,14 +8,25 @@ import pytest
 from cvpo.threshold import ThresholdFeedback, TimingCorrection, state_mean_discounted_cost
 
 
-def test_episodes_over_the_limit_tighten_by_rate_times_clipped_error():
+def test_episodes_over_the_limit_tighten_by_rate_times_bounded_error():
     fb = ThresholdFeedback([10.0], rate=0.1, kappa_range=(0.05, 1.0))
     assert fb.update(np.array([[15.0]]))  # error (10 - 15) / 10 = -0.5
     assert fb.log_kappa[0] == pytest.approx(-0.05)
-    fb.update(np.array([[1000.0]]))  # error clipped to -1
-    assert fb.log_kappa[0] == pytest.approx(-0.15)
-    assert fb.kappa[0] == pytest.approx(math.exp(-0.15))
-    assert fb.episodes == 2
+    fb.update(np.array([[30.0]]))  # -2: counted in full
+    assert fb.log_kappa[0] == pytest.approx(-0.25)
+    fb.update(np.array([[1000.0]]))  # bounded at -MAX_OVERSHOOT = -4
+    assert fb.log_kappa[0] == pytest.approx(-0.65)
+    assert fb.kappa[0] == pytest.approx(math.exp(-0.65))
+    assert fb.episodes == 3
+
+
+def test_equilibrium_is_the_mean_episodic_cost_not_the_median():
+    """Costs 0 (x3) and 40 (x1) at a limit of 10: mean 10, median 0 -> no net change;
+    a [-1, 1] clip would have loosened (3 x +1 - 1 x 1 = +2)."""
+    fb = ThresholdFeedback([10.0], rate=0.1, kappa_range=(0.05, 1.0))
+    fb.log_kappa[:] = -1.0
+    fb.update(np.array([[0.0], [0.0], [0.0], [40.0]]))
+    assert fb.log_kappa[0] == pytest.approx(-1.0)
 
 
 def test_kappa_stays_in_its_range_and_under_limit_episodes_loosen_back_to_the_max():
