@@ -41,10 +41,16 @@ def test_env_runner_crashes_are_restarted_and_no_iteration_is_lost(ray_local, tm
     algo = cfg.build_algo()
     results = []
     try:
-        for _ in range(n_iters):
+        # at least n_iters; on a loaded machine the crash (and so the restart, which
+        # RLlib does at the start of the next iteration) can come later: up to 8
+        while len(results) < 8:
             results.append(algo.train())
+            restarts = results[-1]["fault_tolerance"]["num_remote_worker_restarts"]
+            if len(results) >= n_iters and restarts >= 1:
+                break
     finally:
         algo.stop()
+    n_iters = len(results)
 
     crashed = sorted(p.name for p in tmp_path.glob("*.crashed"))
     assert crashed == ["runner1.crashed"]
