@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "tuned_examples" / "cvpo" / "results"
 RESULTS_MD = REPO / "tuned_examples" / "cvpo" / "RESULTS.md"
 README = REPO / "README.md"
+DEFAULT_RESULTS_MD = RESULTS_MD.resolve()
 README_START, README_END = "<!-- results:start", "<!-- results:end -->"
 #: the README's one table: per task and algorithm, mean over seeds
 SUMMARY_COLUMNS = [("final_return", "final return"), ("final_cost", "final cost"),
@@ -343,12 +344,13 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
     for task in tasks:
         png = curve_png(task, [r for r in records if r["task"] == task],
                         results_dir / f"{task.replace('/', '_')}.png")
-        lines += [f"### {task}", "", f"![{task}]({png.relative_to(out.parent)})", ""]
-    if NOTES_MD.exists() and results_dir == RESULTS_DIR:
-        lines += ["", "## Notes", "", f"See [{NOTES_MD.name}]({NOTES_MD.relative_to(out.parent)}) for what was "
-                  "tried where a target is missed."]
+        lines += [f"### {task}", "", f"![{task}]({os.path.relpath(png, out.parent)})", ""]
+    notes = results_dir / NOTES_MD.name
+    if notes.exists():
+        link = os.path.relpath(notes, out.parent)
+        lines += ["", "## Notes", "", f"See [{notes.name}]({link}) for what was tried where a target is missed."]
     out.write_text("\n".join(lines).rstrip() + "\n")
-    if results_dir == RESULTS_DIR:
+    if out.resolve() == DEFAULT_RESULTS_MD:  # the project's own file: also the README's table
         update_readme(records)
     return out
 
