@@ -1,6 +1,6 @@
 """Experiment report: reward vs cost per group of trials, from Tune's own result files.
 
-Reads ``<experiment>/<trial>/params.json`` and ``progress.csv`` (written by
+Reads ``<experiment>/<trial>/params.json`` and ``result.json`` (written by
 Tune for every trial, so finished and interrupted experiments both work) and
 writes ``report.csv``, ``report.md`` and ``report.png``.
 
@@ -74,11 +74,46 @@ def flatten_params(params: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _column(rows: List[Dict[str, str]], *names: str) -> np.ndarray:
+def _column(rows: List[Dict[str, Any]], *names: str) -> np.ndarray:
     for name in names:
-        if rows and name in rows[0]:
+        if any(name in r for r in rows):
             return np.array([_float(r.get(name)) for r in rows])
     return np.full(len(rows), math.nan)
+
+
+def _flatten_result(result: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(_flatten_result(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_rows(trial_dir: Path) -> List[Dict[str, Any]]:
+    """Per-iteration results of a trial, flattened with "/" (``env_runners/episode_cost_mean``).
+
+    Reads Tune's ``result.json`` (one JSON document per iteration, every key of every
+    iteration); ``progress.csv`` only as a fallback: Tune fixes its columns at the first
+    iteration, so episode metrics that first appear later (the first episode ends
+    after a few iterations) are missing from it.
+    """
+    result_json = trial_dir / "result.json"
+    if result_json.exists() and result_json.stat().st_size > 0:
+        rows = []
+        for line in result_json.read_text().splitlines():
+            try:
+                rows.append(_flatten_result(json.loads(line)))
+            except json.JSONDecodeError:
+                continue  # a line cut off by a killed trial
+        if rows:
+            return rows
+    progress = trial_dir / "progress.csv"
+    if progress.exists() and progress.stat().st_size > 0:
+        with open(progress, newline="") as f:
+            return list(csv.DictReader(f))
+    return []
 
 
 def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
@@ -89,11 +124,7 @@ def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
     trials = []
     for params_file in sorted(root.glob("*/params.json")):
         trial_dir = params_file.parent
-        progress = trial_dir / "progress.csv"
-        rows: List[Dict[str, str]] = []
-        if progress.exists() and progress.stat().st_size > 0:
-            with open(progress, newline="") as f:
-                rows = list(csv.DictReader(f))
+        rows = read_rows(trial_dir)
         try:
             params = json.loads(params_file.read_text())
         except json.JSONDecodeError:

@@ -184,3 +184,27 @@ def test_report_errors_are_clear(tmp_path):
         read_trials(tmp_path / "nope")
     with pytest.raises(ValueError, match="no Tune trials"):
         read_trials(tmp_path)
+
+
+def test_episode_metrics_that_appear_after_the_first_iteration_are_read(tmp_path):
+    """Tune fixes progress.csv's columns at the first iteration; the first episode of a
+    1000-step task ends later, so its metrics exist only in result.json (make train)."""
+    trial = tmp_path / "exp" / "t0"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps({"cost_limit": 25.0, "seed": 0}))
+    results = []
+    for it in range(1, 9):
+        er = {"num_env_steps_sampled_lifetime": 1000 * it}
+        if it % 4 == 0:
+            er.update(episode_return_mean=float(it), episode_cost_mean=10.0 * it)
+        results.append({"training_iteration": it, "env_runners": er})
+    (trial / "result.json").write_text("\n".join(json.dumps(r) for r in results) + "\n")
+    with open(trial / "progress.csv", "w", newline="") as f:  # what Tune writes: no episode columns
+        w = csv.writer(f)
+        w.writerow(["training_iteration", "env_runners/num_env_steps_sampled_lifetime"])
+        w.writerows([[r["training_iteration"], r["env_runners"]["num_env_steps_sampled_lifetime"]] for r in results])
+    (t,) = read_trials(tmp_path / "exp")
+    assert np.isfinite(t["return"]).sum() == 2
+    assert t["return"][np.isfinite(t["return"])].tolist() == [4.0, 8.0]
+    assert t["cost"][np.isfinite(t["cost"])].tolist() == [40.0, 80.0]
+    assert t["steps"].tolist() == [1000.0 * i for i in range(1, 9)]
