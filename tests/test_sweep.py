@@ -152,9 +152,14 @@ def test_python_example_sweep_and_report(tmp_path):
 
 
 def _truncate_progress(trial_dir: Path, keep_rows: int) -> None:
+    """What Tune leaves of a trial interrupted after ``keep_rows`` iterations: both of
+    its per-iteration files (the report reads result.json, else progress.csv)."""
     progress = trial_dir / "progress.csv"
     lines = progress.read_text().splitlines(keepends=True)
     progress.write_text("".join(lines[: 1 + keep_rows]))
+    result = trial_dir / "result.json"
+    lines = result.read_text().splitlines(keepends=True)
+    result.write_text("".join(lines[:keep_rows]))
 
 
 def test_report_on_an_interrupted_experiment(cli_sweep, tmp_path):
@@ -193,7 +198,7 @@ def test_report_before_any_iteration_is_a_clear_error(cli_sweep, tmp_path):
     src, _ = cli_sweep
     exp_dir = tmp_path / "just_started"
     shutil.copytree(src, exp_dir, ignore=shutil.ignore_patterns("report.*"))
-    for progress in exp_dir.glob("*/progress.csv"):
+    for progress in [*exp_dir.glob("*/progress.csv"), *exp_dir.glob("*/result.json")]:
         progress.write_text("")
     proc = _run([*_rllib(), "report", exp_dir])
     assert proc.returncode == 2, proc.stderr
