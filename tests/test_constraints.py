@@ -1,4 +1,4 @@
-"""Per-step cost thresholds (cvpo.md, "Per-step threshold")."""
+"""Per-step cost thresholds (docs/algorithm.md#per-step-threshold)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""M-step (cvpo.md, "M-step"): decoupled KLs, weighted MLE, trust region."""
+"""M-step (docs/algorithm.md#m-step): decoupled KLs, weighted MLE, trust region."""
 
 import math
 

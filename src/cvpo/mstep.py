@@ -1,6 +1,6 @@
 """The CVPO M-step: weighted maximum likelihood inside a decoupled trust region.
 
-Notation follows shared/design/cvpo.md, "M-step". For states s_i (B of them),
+Notation follows docs/algorithm.md#m-step. For states s_i (B of them),
 sampled actions a_ij (K per state) and E-step weights q_ij (rows sum to 1):
 
     pi_mu    = N(mu_theta(s), Sigma_old(s))     # new mean, old covariance

@@ -1,7 +1,7 @@
 """Import and run safety-gymnasium 1.0.0 on gymnasium 1.x / numpy 2 / Python >= 3.11.
 
 Nothing here edits files in site-packages. The numbered breakages refer to
-``shared/design/safety_gymnasium_compat.md``; each fix is applied by
+``docs/safety_gymnasium_compat.md``; each fix is applied by
 :func:`import_safety_gymnasium` and is as narrow as we could make it:
 
 1. Removed gymnasium modules. safety-gymnasium imports
@@ -60,7 +60,7 @@ Nothing here edits files in site-packages. The numbered breakages refer to
    0.63 s -> 0.04 s for SafetyPointGoal1-v0 on the dev machine;
    only rendered frames change).
 
-Further breakage found while building this layer (not in the design note):
+Further breakage found while building this layer:
 
 8. ``Builder.step`` does ``np.array(action, copy=False)``, which numpy 2
    rejects for anything that needs a copy (a list, a tuple). The adapter in
