@@ -72,7 +72,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --quick
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src rllib_ext tests benchmarks
+	$(VENV)/bin/ruff check src rllib_ext tests benchmarks cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -53,7 +53,7 @@ def _critic_costs(module, cfg, obs: np.ndarray, actions: np.ndarray) -> np.ndarr
 
 def _episodes(module, env_id, env_config, keys, episodes, seed, explore):
     from cvpo.envs import make_env
-    from rllib_ext.evaluate import module_policy
+    from rllib_ext.cli.evaluate import module_policy
 
     act = module_policy(module, explore=explore)
     env = make_env(env_id, **env_config)
@@ -81,12 +81,8 @@ def _episodes(module, env_id, env_config, keys, episodes, seed, explore):
 
 
 def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
-    from rllib_ext.evaluate import (
-        load_checkpoint_config,
-        load_module,
-        module_policy,
-        resolve_checkpoint_dir,
-    )
+    from rllib_ext.checkpoints import load_checkpoint_config, load_module, resolve_checkpoint_dir
+    from rllib_ext.cli.evaluate import module_policy
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     _, cfg = load_checkpoint_config(ckpt)

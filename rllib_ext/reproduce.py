@@ -160,8 +160,8 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
     """Trains, evaluates and returns the record of one run (also written to RESULTS_DIR)."""
     import ray
 
+    from rllib_ext.cli.evaluate import evaluate_checkpoint
     from rllib_ext.cvpo import metrics as M
-    from rllib_ext.evaluate import evaluate_checkpoint
     from rllib_ext.progress import ProgressLine, env_steps
 
     steps = int(steps or TASKS[task]["steps"])

@@ -4,7 +4,7 @@ inside Ray, MuJoCo or cvxpy.
 
 Config errors are checked with ``CVPOConfig()....validate()`` (no Ray), CLI
 errors through ``rllib_ext.cli.main`` (exit status 2, one line on stderr), and
-checkpoint errors with :func:`rllib_ext.cvpo.validation.check_algorithm_checkpoint`
+checkpoint errors with :func:`rllib_ext.checkpoints.check_algorithm_checkpoint`
 and ``CVPO.from_checkpoint``.
 """
 
@@ -20,9 +20,10 @@ import pytest
 
 from cvpo.envs import POINT_HAZARD_ID, NoCostSignalError, UnknownEnvError
 from rllib_ext import cli
+from rllib_ext.checkpoints import CheckpointError, check_algorithm_checkpoint
+from rllib_ext.cli import common
 from rllib_ext.cvpo import CVPO, CVPOConfig
-from rllib_ext.cvpo.validation import CVPOConfigError, check_algorithm_checkpoint
-from rllib_ext.evaluate import CheckpointError
+from rllib_ext.cvpo.validation import CVPOConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 OUR_CODE = (str(REPO / "rllib_ext"), str(REPO / "src" / "cvpo"))
@@ -324,7 +325,7 @@ def test_bad_stop_json_fails_before_ray_starts(monkeypatch, capsys):
     def no_ray(args):
         raise AssertionError("Ray would be started before --stop was checked")
 
-    monkeypatch.setattr(cli, "_init_ray", no_ray)
+    monkeypatch.setattr(common, "init_ray", no_ray)
     code = cli.main(TRAIN + ["--stop", "{training_iteration: 2}"])
     err = capsys.readouterr().err
     assert code == 2 and "--stop is not valid JSON" in err, err

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from rllib_ext import cli
+from rllib_ext.cli import common
 
 P = "cvpo/PointHazard-v0"
 TINY = {"num_env_runners": 0, "actor_hiddens": [32, 32], "critic_hiddens": [32, 32]}
@@ -49,7 +50,7 @@ def fake_tune(monkeypatch):
 
     FakeTuner.made, FakeTuner.restored, FakeTuner.results = [], [], []
     monkeypatch.setattr(ray.tune, "Tuner", FakeTuner)
-    monkeypatch.setattr(cli, "_init_ray", lambda args: None)
+    monkeypatch.setattr(common, "init_ray", lambda args: None)
     return FakeTuner
 
 

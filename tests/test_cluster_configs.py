@@ -8,6 +8,7 @@ and the capacity checks are plain bin-packing over the configs' node types.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -21,10 +22,20 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from rllib_ext import cluster_check as cc
-
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
+
+
+def _load_checker():
+    """cluster/check.py, a tool beside the configs rather than an installed module."""
+    spec = importlib.util.spec_from_file_location("cluster_check", CLUSTER / "check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cc = _load_checker()
 AWS = CLUSTER / "aws.yaml"
 GCP = CLUSTER / "gcp.yaml"
 KUBERAY = CLUSTER / "kuberay.yaml"
@@ -48,6 +59,24 @@ def _write(tmp_path: Path, name: str, data) -> Path:
 
 
 # ------------------------------------------------------------------ the files exist
+
+
+def test_checker_runs_as_a_script_from_the_repository_root():
+    """`python cluster/check.py` validates every definition; --request checks capacity."""
+    def run(*args):
+        return subprocess.run([sys.executable, "cluster/check.py", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+
+    out = run()
+    assert out.returncode == 0, out.stdout + out.stderr
+    for p in CLUSTER_YAMLS:
+        assert f"{p.relative_to(ROOT)}: valid" in out.stdout, out.stdout
+    request = json.dumps(REQUEST)
+    out = run(str(AWS), "--request", request)
+    assert out.returncode == 0 and "fits:" in out.stdout and "concurrent trials" in out.stdout
+    too_big = json.dumps(REQUEST | {"num_env_runners": 10_000})
+    out = run(str(AWS), "--request", too_big)
+    assert out.returncode == 1 and "does not fit" in out.stdout, out.stdout
 
 
 def test_cluster_folder_holds_the_three_definitions_and_readme():

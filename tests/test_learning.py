@@ -25,8 +25,8 @@ import pytest
 
 from cvpo.envs import POINT_HAZARD_ID, make_env
 from cvpo.envs.point_hazard import detour_policy, run_episode
+from rllib_ext.cli.evaluate import module_policy, rollout
 from rllib_ext.cvpo import CVPOConfig
-from rllib_ext.evaluate import module_policy, rollout
 
 COST_LIMIT = 5.0
 EVAL_EPISODES = 20

@@ -18,7 +18,8 @@ import pytest
 
 from cvpo.envs import _render, make_env
 from cvpo.envs import point_hazard as ph
-from rllib_ext.evaluate import _check_render_backend, _render_frame, _write_video, rollout
+from rllib_ext.cli.evaluate import rollout
+from rllib_ext.cli.video import check_render_backend, render_frame, write_video
 
 NO_GL_SKIP_REASON = "no MuJoCo offscreen GL backend on this machine"
 SAFETY_ID = "SafetyPointGoal1-v0"
@@ -143,7 +144,7 @@ def test_rollout_frames_to_gif(tmp_path):
         frames=frames,
     )
     assert stats["lengths"] == [30] and len(frames) == 30
-    path = _write_video(frames, str(tmp_path / "sub" / "episode.gif"))
+    path = write_video(frames, str(tmp_path / "sub" / "episode.gif"))
     assert path.endswith("episode.gif")
     back = iio.imread(path, index=None)
     assert back.shape == (30, ph.RENDER_SIZE, ph.RENDER_SIZE, 3)
@@ -162,27 +163,27 @@ def test_mp4_without_imageio_ffmpeg_says_what_to_do(tmp_path, monkeypatch):
     frames = [np.zeros((32, 32, 3), np.uint8)] * 3
     out = tmp_path / "episode.mp4"
     with pytest.raises(RuntimeError, match=r"pip install imageio-ffmpeg.*\.gif"):
-        _write_video(frames, str(out))
+        write_video(frames, str(out))
     assert not out.exists()
     with pytest.raises(RuntimeError, match="imageio-ffmpeg"):
-        _check_render_backend(path=str(out))
+        check_render_backend(path=str(out))
 
 
 def test_mp4_roundtrip(tmp_path):
     pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (optional, for .mp4) not installed")
     frames = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(5)]
-    path = _write_video(frames, str(tmp_path / "episode.mp4"))
+    path = write_video(frames, str(tmp_path / "episode.mp4"))
     assert os.path.getsize(path) > 0
 
 
 def test_write_video_rejects_bad_input(tmp_path):
     frame = np.zeros((16, 16, 3), np.uint8)
     with pytest.raises(ValueError, match=r"\.gif or \.mp4"):
-        _write_video([frame], str(tmp_path / "episode.avi"))
+        write_video([frame], str(tmp_path / "episode.avi"))
     with pytest.raises(ValueError, match="no frames"):
-        _write_video([], str(tmp_path / "episode.gif"))
+        write_video([], str(tmp_path / "episode.gif"))
     with pytest.raises(ValueError, match="different shapes"):
-        _write_video([frame, np.zeros((8, 8, 3), np.uint8)], str(tmp_path / "episode.gif"))
+        write_video([frame, np.zeros((8, 8, 3), np.uint8)], str(tmp_path / "episode.gif"))
 
 
 def test_render_frame_errors_and_conversion():
@@ -196,12 +197,12 @@ def test_render_frame_errors_and_conversion():
             return self.result
 
     with pytest.raises(RuntimeError, match=r"rendering failed \(AttributeError.*apt-get install"):
-        _render_frame(Env(AttributeError("'NoneType' object has no attribute 'glGetError'")))
+        render_frame(Env(AttributeError("'NoneType' object has no attribute 'glGetError'")))
     with pytest.raises(RuntimeError, match="no frame"):
-        _render_frame(Env(None))
+        render_frame(Env(None))
     with pytest.raises(RuntimeError, match=r"shape \(4, 4\)"):
-        _render_frame(Env(np.zeros((4, 4))))
-    rgba = _render_frame(Env(np.ones((4, 4, 4), np.float32)))
+        render_frame(Env(np.zeros((4, 4))))
+    rgba = render_frame(Env(np.ones((4, 4, 4), np.float32)))
     assert rgba.shape == (4, 4, 3) and rgba.dtype == np.uint8 and rgba.max() == 255
 
 
@@ -241,10 +242,10 @@ def test_safety_render_env_reports_missing_backend_before_rendering(no_gl):
         make_env(SAFETY_ID, render_mode="rgb_array")
     _assert_install_hint(str(info.value))
     with pytest.raises(RuntimeError) as info:
-        _check_render_backend(SAFETY_ID, "episode.gif")
+        check_render_backend(SAFETY_ID, "episode.gif")
     _assert_install_hint(str(info.value))
     # no GL needed: PointHazard, and Safety envs that do not render
-    _check_render_backend("cvpo/PointHazard-v0", "episode.gif")
+    check_render_backend("cvpo/PointHazard-v0", "episode.gif")
     env = make_env(SAFETY_ID)
     env.reset(seed=0)
     env.step(env.action_space.sample())
@@ -342,7 +343,7 @@ def test_safety_task_renders_with_a_real_backend(gl_env, tmp_path):
         assert frame.shape == (256, 256, 3) and frame.dtype == np.uint8
     assert frames[0].std() > 5  # a scene, not a blank image
     assert not np.array_equal(frames[0], frames[-1])  # the agent moved
-    back = iio.imread(_write_video(frames, str(tmp_path / "safety.gif")), index=None)
+    back = iio.imread(write_video(frames, str(tmp_path / "safety.gif")), index=None)
     assert back.shape == (8, 256, 256, 3)
 
     env = make_env(SAFETY_ID, render_mode="rgb_array")  # upstream's default camera

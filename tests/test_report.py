@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from rllib_ext.report import (
+from rllib_ext.cli.report import (
     group_trials,
     plot_report,
     read_trials,

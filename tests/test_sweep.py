@@ -6,7 +6,7 @@ tiny budget on the tiny hazard task (3 iterations of 200 env steps per trial):
 * the CLI: ``rllib train file tuned_examples/cvpo/point_hazard_sweep.yaml``
   followed by ``rllib report``;
 * the Python example ``tuned_examples/cvpo/cost_limit_sweep.py`` (Tuner("CVPO")
-  plus rllib_ext.report.write_report).
+  plus rllib_ext.cli.report.write_report).
 
 The report must have exactly one row per cost limit, also for an experiment
 that was interrupted (trials with fewer rows, or none yet).

@@ -23,7 +23,6 @@ buffer). The checkpoint keys keep their ``cvpo_`` names for both algorithms.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -281,10 +280,7 @@ class ConstrainedOffPolicy(Algorithm):
         """Like ``Algorithm.from_checkpoint``, with one clear error (CheckpointError)
         for a local checkpoint that is missing, damaged, or another algorithm's."""
         if filesystem is None:
-            from rllib_ext.cvpo.validation import (
-                absolute_checkpoint_path,
-                check_algorithm_checkpoint,
-            )
+            from rllib_ext.checkpoints import absolute_checkpoint_path, check_algorithm_checkpoint
 
             check_algorithm_checkpoint(path, cls)
             path = absolute_checkpoint_path(path)  # pyarrow fails on relative paths
@@ -469,11 +465,9 @@ class ConstrainedOffPolicy(Algorithm):
     def best_feasible_checkpoint_dir(self) -> str:
         """Where the best feasible checkpoint goes: ``best_feasible_path`` if set, else
         ``best_feasible`` in the trial folder under Tune, or in the logdir without Tune."""
-        if self.best_feasible_path:
-            return self.best_feasible_path
-        storage = getattr(self, "_storage", None)
-        base = storage.trial_fs_path if storage is not None else self.logdir
-        return os.path.join(base, M.BEST_FEASIBLE_DIR)
+        from rllib_ext.checkpoints import best_feasible_target
+
+        return best_feasible_target(self)[0]
 
     def _maybe_save_best_feasible(self, eval_runner_results: Dict[str, Any]) -> None:
         ret = eval_runner_results.get(M.EPISODE_RETURN_MEAN)
@@ -481,10 +475,10 @@ class ConstrainedOffPolicy(Algorithm):
             return
         if ret <= self._best_feasible_return:
             return
+        from rllib_ext.checkpoints import best_feasible_target
+
         self._best_feasible_return = float(ret)
-        storage = getattr(self, "_storage", None)
-        path = self.best_feasible_checkpoint_dir()
-        fs = storage.storage_filesystem if storage is not None and not self.best_feasible_path else None
+        path, fs = best_feasible_target(self)
         self.save_to_path(path, filesystem=fs)
         logger.info("best feasible evaluation return %.3f: checkpoint %s", ret, path)
 

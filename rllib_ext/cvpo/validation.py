@@ -6,8 +6,7 @@ a message naming the key and range.
 the env; :func:`validate_cvpo_config` adds CVPO's own keys
 (:mod:`rllib_ext.sac_lag.validation` adds SACLag's). Also: the GPU fallback
 (``num_gpus_per_learner`` > 0 where no GPU can be had becomes 0, with a
-one-line notice) and :func:`check_algorithm_checkpoint`, the clear errors for a
-checkpoint that is missing, damaged, or another algorithm's.
+one-line notice). Checkpoint checks live in :mod:`rllib_ext.checkpoints`.
 """
 
 from __future__ import annotations
@@ -15,10 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
-import pickle
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import gymnasium as gym
 
@@ -301,98 +297,3 @@ def _probe_env(cfg) -> None:
                 f"undefined; set {_config_name(cfg)}.training(episode_horizon=T)."
             )
         cfg.episode_horizon = int(info.horizon)
-
-
-# -- checkpoints --------------------------------------------------------------------------
-CLASS_FILE = "class_and_ctor_args.pkl"
-
-
-def _pickle_complete(path: Path) -> bool:
-    """A pickle written in full ends with the STOP opcode (b'.'); a cut-off one does not."""
-    try:
-        size = path.stat().st_size
-        if size == 0:
-            return False
-        with open(path, "rb") as f:
-            f.seek(size - 1)
-            return f.read(1) == b"."
-    except OSError:
-        return False
-
-
-def absolute_checkpoint_path(path: Any) -> Any:
-    """``path`` made absolute when it is a local path without a URI scheme.
-
-    RLlib opens checkpoints through pyarrow, which reads a relative path as a
-    URI with an empty scheme and fails (``ArrowInvalid``). URIs (``s3://``),
-    ``ray.tune.Checkpoint`` objects and other values are returned unchanged.
-    """
-    if isinstance(path, (str, os.PathLike)):
-        text = os.fspath(path)
-        if isinstance(text, str) and "://" not in text:
-            return os.path.abspath(os.path.expanduser(text))
-    return path
-
-
-def check_algorithm_checkpoint(path: Any, expected_cls: Optional[type] = None) -> Optional[type]:
-    """Clear errors for a checkpoint that cannot be restored as ``expected_cls``.
-
-    Checks a local checkpoint folder (remote URIs are left to RLlib): it
-    exists, is an RLlib new-stack checkpoint, its pickles are complete, and
-    the algorithm stored in it is ``expected_cls`` (or a subclass). Returns the
-    stored algorithm class (None for a URI that was not checked).
-
-    Raises:
-        rllib_ext.evaluate.CheckpointError (a ValueError): one line naming the
-        path and what to do.
-    """
-    from rllib_ext.evaluate import CheckpointError
-
-    path = getattr(path, "path", path)  # a ray.tune.Checkpoint
-    text = os.fspath(path)
-    if "://" in text:
-        return None
-    p = Path(text).expanduser()
-    if not p.exists():
-        raise CheckpointError(
-            f"checkpoint path {p} does not exist; pass a checkpoint_XXXXXX folder written by "
-            "Algorithm.save() or `rllib train`"
-        )
-    if not (p / CLASS_FILE).is_file():
-        found = sorted(x for x in p.glob("checkpoint_*") if (x / CLASS_FILE).is_file())
-        hint = (
-            f"; it holds checkpoints, did you mean {found[-1]}?"
-            if found
-            else "; pass a checkpoint_XXXXXX folder written by Algorithm.save() or `rllib train`"
-        )
-        raise CheckpointError(f"{p} is not an RLlib checkpoint (no {CLASS_FILE}){hint}")
-    try:
-        with open(p / CLASS_FILE, "rb") as f:
-            stored = pickle.load(f)["class"]
-    except (ImportError, AttributeError) as err:
-        raise CheckpointError(
-            f"checkpoint {p} was written by an algorithm that cannot be imported here "
-            f"({type(err).__name__}: {err}); install the package that defines it"
-        ) from None
-    except Exception as err:  # noqa: BLE001 (any other unpickling failure means damage)
-        raise CheckpointError(
-            f"checkpoint {p} is damaged ({CLASS_FILE}: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); use an earlier checkpoint of the run"
-        ) from None
-    if expected_cls is not None and not (isinstance(stored, type) and issubclass(stored, expected_cls)):
-        name = getattr(stored, "__name__", repr(stored))
-        raise CheckpointError(
-            f"checkpoint {p} was written by {name}, not {expected_cls.__name__}; restore it with "
-            f"{name}.from_checkpoint(...) (or ray.rllib.algorithms.Algorithm.from_checkpoint), "
-            f"or pass a {expected_cls.__name__} checkpoint"
-        )
-    broken = [
-        str(f.relative_to(p)) for f in sorted(p.rglob("*.pkl")) if not _pickle_complete(f)
-    ]
-    if broken:
-        raise CheckpointError(
-            f"checkpoint {p} is damaged: {', '.join(broken)} "
-            f"{'is' if len(broken) == 1 else 'are'} cut off or empty; use an earlier checkpoint "
-            "of the run"
-        )
-    return stored

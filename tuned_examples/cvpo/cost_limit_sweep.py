@@ -5,7 +5,7 @@ SafetyPointGoal1-v0), for people who drive Tune from Python: it builds the
 ``param_space`` from a :class:`~rllib_ext.cvpo.CVPOConfig`, runs
 ``tune.Tuner("CVPO", ...)`` and writes ``report.csv``, ``report.md`` and
 ``report.png`` (final reward, cost and violation rate per cost limit) into the
-experiment folder with :func:`rllib_ext.report.write_report`.
+experiment folder with :func:`rllib_ext.cli.report.write_report`.
 
 Full sweep (9 trials; on the cluster one trial at a time, one GPU learner each)::
 
@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ray import tune
 
     import rllib_ext  # noqa: F401  (registers "CVPO" and the envs with Tune)
-    from rllib_ext.report import write_report
+    from rllib_ext.cli.report import write_report
 
     param_space = build_param_space(args)
     if not ray.is_initialized():

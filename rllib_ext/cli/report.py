@@ -1,4 +1,5 @@
-"""Experiment report: reward vs cost per group of trials, from Tune's own result files.
+"""``rllib report EXPERIMENT_DIR``: reward vs cost per group of trials, from Tune's
+own result files.
 
 Reads ``<experiment>/<trial>/params.json`` and ``result.json`` (written by
 Tune for every trial, so finished and interrupted experiments both work) and
@@ -21,8 +22,9 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -62,9 +64,9 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def flatten_params(params: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+def flatten_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts flattened to ``{"a/b": value}`` with hashable values."""
-    out: Dict[str, Any] = {}
+    out: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
@@ -74,15 +76,15 @@ def flatten_params(params: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _column(rows: List[Dict[str, Any]], *names: str) -> np.ndarray:
+def _column(rows: list[dict[str, Any]], *names: str) -> np.ndarray:
     for name in names:
         if any(name in r for r in rows):
             return np.array([_float(r.get(name)) for r in rows])
     return np.full(len(rows), math.nan)
 
 
-def _flatten_result(result: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _flatten_result(result: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for key, value in result.items():
         if isinstance(value, dict):
             out.update(_flatten_result(value, f"{prefix}{key}/"))
@@ -91,7 +93,7 @@ def _flatten_result(result: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def read_rows(trial_dir: Path) -> List[Dict[str, Any]]:
+def read_rows(trial_dir: Path) -> list[dict[str, Any]]:
     """Per-iteration results of a trial, flattened with "/" (``env_runners/episode_cost_mean``).
 
     Reads Tune's ``result.json`` (one JSON document per iteration, every key of every
@@ -116,7 +118,7 @@ def read_rows(trial_dir: Path) -> List[Dict[str, Any]]:
     return []
 
 
-def read_trials(experiment_dir: str | Path) -> List[Dict[str, Any]]:
+def read_trials(experiment_dir: str | Path) -> list[dict[str, Any]]:
     """One record per trial with its flattened params and per-iteration curves."""
     root = Path(experiment_dir).expanduser()
     if not root.is_dir():
@@ -164,7 +166,7 @@ def _ignored(key: str) -> bool:
     return key.rsplit("/", 1)[-1] in IGNORED_PARAMS
 
 
-def varying_params(trials: Sequence[Dict[str, Any]]) -> List[str]:
+def varying_params(trials: Sequence[dict[str, Any]]) -> list[str]:
     """Flattened param keys whose value differs between trials (seeds excluded), sorted."""
     keys = sorted({k for t in trials for k in t["params"]})
     out = []
@@ -177,7 +179,7 @@ def varying_params(trials: Sequence[Dict[str, Any]]) -> List[str]:
     return out
 
 
-def _sort_key(value: Any) -> Tuple:
+def _sort_key(value: Any) -> tuple:
     if isinstance(value, bool) or value is None:
         return (2, str(value))
     if isinstance(value, (int, float)):
@@ -186,12 +188,12 @@ def _sort_key(value: Any) -> Tuple:
 
 
 def group_trials(
-    trials: Sequence[Dict[str, Any]],
-) -> Tuple[List[str], List[Tuple[Tuple, List[Dict[str, Any]]]]]:
+    trials: Sequence[dict[str, Any]],
+) -> tuple[list[str], list[tuple[tuple, list[dict[str, Any]]]]]:
     """(varying param keys, [(their values, trials of that group)]) over trials with results."""
     reported = [t for t in trials if len(t["iterations"])]
     params = varying_params(reported)
-    groups: Dict[Tuple, List[Dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for t in reported:
         groups[tuple(t["params"].get(k) for k in params)].append(t)
     order = sorted(groups, key=lambda values: tuple(_sort_key(v) for v in values))
@@ -208,7 +210,7 @@ def _last(x: np.ndarray) -> float:
     return float(x[-1]) if len(x) else math.nan
 
 
-def _stats(prefix: str, values: Sequence[float]) -> Dict[str, float]:
+def _stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if not len(v):
@@ -221,11 +223,13 @@ def _stats(prefix: str, values: Sequence[float]) -> Dict[str, float]:
     }
 
 
-def _has_eval(trials: Sequence[Dict[str, Any]]) -> bool:
-    return any(np.isfinite(t["eval_return"]).any() or np.isfinite(t["eval_cost"]).any() for t in trials)
+def _has_eval(trials: Sequence[dict[str, Any]]) -> bool:
+    return any(
+        np.isfinite(t["eval_return"]).any() or np.isfinite(t["eval_cost"]).any() for t in trials
+    )
 
 
-def summarize(trials: List[Dict[str, Any]], last_n: int = 5) -> List[Dict[str, Any]]:
+def summarize(trials: list[dict[str, Any]], last_n: int = 5) -> list[dict[str, Any]]:
     """One row per group: its param values, then final reward / cost / violation rate.
 
     Per trial, "final" is the mean over its last ``last_n`` iterations with a
@@ -236,7 +240,7 @@ def summarize(trials: List[Dict[str, Any]], last_n: int = 5) -> List[Dict[str, A
     with_eval = _has_eval(trials)
     rows = []
     for values, g in groups:
-        row: Dict[str, Any] = dict(zip(params, values))
+        row: dict[str, Any] = dict(zip(params, values))
         row["trials"] = len(g)
         row["iterations"] = int(min(len(t["iterations"]) for t in g))
         row["env_steps"] = float(np.nanmin([_last(t["steps"]) for t in g])) if any(
@@ -260,7 +264,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _cell(row: Dict[str, Any], prefix: str) -> str:
+def _cell(row: dict[str, Any], prefix: str) -> str:
     mean, lo, hi = row[f"{prefix}_mean"], row[f"{prefix}_min"], row[f"{prefix}_max"]
     if not math.isfinite(mean):
         return "n/a"
@@ -273,8 +277,8 @@ def _param_label(key: str) -> str:
     return key.replace("_", " ")
 
 
-def _markdown(rows: List[Dict[str, Any]], params: List[str], last_n: int,
-              constant_limit: Optional[float]) -> str:
+def _markdown(rows: list[dict[str, Any]], params: list[str], last_n: int,
+              constant_limit: float | None) -> str:
     with_eval = bool(rows) and "eval_return_mean" in rows[0]
     lines = [
         f"Final values: per trial the mean over its last {last_n} iterations with a value"
@@ -285,7 +289,8 @@ def _markdown(rows: List[Dict[str, Any]], params: List[str], last_n: int,
         lines.append("All trials share every parameter but the seed.")
     if constant_limit is not None:
         lines.append(f"Cost limit {constant_limit:g} in all trials.")
-    metrics = ["reward", "cost", "violation rate"] + (["eval return", "eval cost"] if with_eval else [])
+    metrics = ["reward", "cost", "violation rate"]
+    metrics += ["eval return", "eval cost"] if with_eval else []
     header = [_param_label(p) for p in params] + ["trials", "iterations", "env steps"] + metrics
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
@@ -297,14 +302,14 @@ def _markdown(rows: List[Dict[str, Any]], params: List[str], last_n: int,
     return "\n".join(lines) + "\n"
 
 
-def _finite_xy(t: Dict[str, Any], key: str) -> Tuple[np.ndarray, np.ndarray]:
+def _finite_xy(t: dict[str, Any], key: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = t["x"], t[key]
     keep = np.isfinite(x) & np.isfinite(y)
     order = np.argsort(x[keep], kind="stable")
     return x[keep][order], y[keep][order]
 
 
-def group_curve(group: Sequence[Dict[str, Any]], key: str):
+def group_curve(group: Sequence[dict[str, Any]], key: str):
     """(x, mean, min, max) over a group's trials, finite points only.
 
     The seeds' curves are interpolated onto the union of their x values within
@@ -326,13 +331,13 @@ def group_curve(group: Sequence[Dict[str, Any]], key: str):
     return grid, ys.mean(axis=0), ys.min(axis=0), ys.max(axis=0)
 
 
-def _group_label(params: List[str], values: Tuple) -> str:
+def _group_label(params: list[str], values: tuple) -> str:
     if not params:
         return "all trials"
     return ", ".join(f"{_param_label(p)}={format_value(v)}" for p, v in zip(params, values))
 
 
-def plot_report(trials: List[Dict[str, Any]], last_n: int = 5):
+def plot_report(trials: list[dict[str, Any]], last_n: int = 5):
     """The report's matplotlib Figure: final reward vs cost per trial, and return
     and cost against env steps per group (mean over seeds, min-max band)."""
     import matplotlib
@@ -359,8 +364,10 @@ def plot_report(trials: List[Dict[str, Any]], last_n: int = 5):
     ax.set_title("reward vs cost per trial (dashed: cost limit)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    x_label = "env steps" if all(t["x_label"] == "env steps" for _, g in groups for t in g) else "iteration"
-    for ax, key, ylabel in ((axes[1], "return", "mean episode return"), (axes[2], "cost", "mean episode cost")):
+    all_steps = all(t["x_label"] == "env steps" for _, g in groups for t in g)
+    x_label = "env steps" if all_steps else "iteration"
+    panels = ((axes[1], "return", "mean episode return"), (axes[2], "cost", "mean episode cost"))
+    for ax, key, ylabel in panels:
         for color, (values, g) in zip(colors, groups):
             label = _group_label(params, values)
             curve = group_curve(g, key)
@@ -391,8 +398,8 @@ def _csv_value(value: Any) -> Any:
     return format_value(value) if isinstance(value, tuple) else value
 
 
-def write_report(experiment_dir: str | Path, out_dir: Optional[str | Path] = None,
-                 last_n: int = 5) -> Dict[str, str]:
+def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None,
+                 last_n: int = 5) -> dict[str, str]:
     """Writes report.csv, report.md and report.png; returns their paths."""
     import matplotlib.pyplot as plt
 
@@ -419,3 +426,28 @@ def write_report(experiment_dir: str | Path, out_dir: Optional[str | Path] = Non
     finally:
         plt.close(fig)
     return {"csv": str(csv_path), "markdown": str(md_path), "png": str(png_path)}
+
+
+def add_parser(sub) -> None:
+    """``rllib report`` on the subcommands of the main parser."""
+    rep = sub.add_parser(
+        "report",
+        help="table (CSV, markdown) and PNG of a finished or interrupted sweep",
+        description="Reads Tune's result files of an experiment directory and writes a table of "
+        "final reward, final cost and violation rate (and final evaluation return and cost, when "
+        "the trials evaluated) per group of trials that share every parameter but the seed, plus "
+        "a PNG of the learning curves against env steps (mean over seeds, min-max band).",
+    )
+    rep.add_argument("experiment_dir",
+                     help="the experiment folder (contains one folder per trial)")
+    rep.add_argument("--out", default=None,
+                     help="output folder (default: the experiment folder)")
+    rep.add_argument("--last", type=int, default=5,
+                     help="average the last N iterations (default 5)")
+
+
+def cmd_report(args) -> int:
+    out = write_report(args.experiment_dir, out_dir=args.out, last_n=args.last)
+    for k, v in out.items():
+        print(f"{k}: {v}")
+    return 0

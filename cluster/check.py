@@ -1,5 +1,12 @@
-"""Offline checks for the cluster definitions in ``cluster/``.
+"""Offline checks for the cluster definitions next to this file (``cluster/*.yaml``).
 
+A tool, not part of the installed packages. From the repository root::
+
+    .venv/bin/python cluster/check.py                 # validate every cluster/*.yaml
+    .venv/bin/python cluster/check.py cluster/aws.yaml \
+        --request '{"num_env_runners": 64, "num_learners": 1, "num_gpus_per_learner": 1}'
+
+``tests/test_cluster_configs.py`` loads this file by path and tests every function.
 Everything here runs without cloud credentials and without network access:
 
 * :func:`validate_autoscaler_config` checks a ``ray up`` YAML (aws / gcp) against
@@ -21,6 +28,7 @@ Everything here runs without cloud credentials and without network access:
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import json
@@ -31,6 +39,8 @@ from typing import Any, Iterable
 
 import yaml
 
+HERE = Path(__file__).resolve().parent
+
 __all__ = [
     "COMMAND_KEYS",
     "config_kind",
@@ -38,6 +48,7 @@ __all__ = [
     "fits_cluster",
     "ingress_rules",
     "load_cluster_config",
+    "main",
     "max_concurrent_trials",
     "node_types",
     "opened_ports",
@@ -823,3 +834,57 @@ def experiment_resource_requests(path: str | os.PathLike) -> dict[str, dict]:
     if not out:
         raise ValueError(f"{path}: no experiments found")
     return out
+
+
+# --------------------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Validates cluster definitions; with ``--request``, checks that a trial fits each.
+
+    Returns 0 when every file is valid (and the request fits every cluster), else 1.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python cluster/check.py",
+        description="Validate cluster definitions offline (Ray's autoscaler schema and "
+        "validate_config for `ray up` configs, the fields KubeRay needs for a RayCluster).",
+    )
+    parser.add_argument("files", nargs="*",
+                        help=f"cluster YAML files (default: every *.yaml in {HERE})")
+    parser.add_argument("--request", default=None,
+                        help="an RLlib resource request as JSON, e.g. "
+                        "'{\"num_env_runners\": 64, \"num_gpus_per_learner\": 1}': also print "
+                        "whether one trial fits and how many run at once")
+    args = parser.parse_args(argv)
+    try:
+        request = json.loads(args.request) if args.request else None
+    except json.JSONDecodeError as err:
+        parser.error(f"--request is not valid JSON: {err}")
+    if request is not None and not isinstance(request, dict):
+        parser.error("--request must be a JSON object")
+    files = [Path(f) for f in args.files]
+    files = files or [Path(os.path.relpath(f)) for f in sorted(HERE.glob("*.yaml"))]
+    status = 0
+    for path in files:
+        try:
+            kind = config_kind(path)
+            if kind == "kuberay":
+                validate_kuberay_manifest(path)
+            else:
+                validate_autoscaler_config(path)
+        except (OSError, ValueError) as err:
+            print(f"{path}: invalid: {err}")
+            status = 1
+            continue
+        print(f"{path}: valid {kind} config")
+        if request is not None:
+            ok, reason = fits_cluster(request, path)
+            print(f"  {reason}")
+            if ok:
+                print(f"  concurrent trials at most: {max_concurrent_trials(request, path)}")
+            status = max(status, 0 if ok else 1)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
