@@ -1,4 +1,4 @@
-"""E-step dual (cvpo.md, "E-step"): the Newton solver against cvxpy and the math."""
+"""E-step dual (docs/algorithm.md, "E-step"): the Newton solver against cvxpy and the math."""
 
 import math
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from cvpo import estep
+from cvpo import estep, estep_cvxpy, estep_data, estep_fast
 from cvpo.estep import (
     STATUS_CONVERGED,
     STATUS_INFEASIBLE,
     EStepResult,
     build_cvxpy_problem,
+    dual_g,
     dual_objective,
     solve_dual,
 )
@@ -20,13 +21,6 @@ cp = pytest.importorskip("cvxpy")
 
 LAMBDA_MAX = estep.DEFAULT_LAMBDA_MAX
 ETA_MIN = estep.DEFAULT_ETA_MIN
-
-
-def dual_g(q, qc, kl_bound, thresholds, eta, lambdas):
-    """g(eta, lambda) written directly from cvpo.md (autograd-able, float64)."""
-    advantage = q - torch.einsum("m,mbk->bk", lambdas, qc)  # (B, K)
-    log_mean_exp = torch.logsumexp(advantage / eta, dim=1) - math.log(q.shape[1])  # (B,)
-    return eta * kl_bound + lambdas @ thresholds + eta * log_mean_exp.mean()
 
 
 def gradient_at(q, qc, kl_bound, thresholds, eta, lambdas):
@@ -170,8 +164,8 @@ def test_newton_matches_cvxpy(seed, B, K, m, regime):
 def make_dual_problem(kind, q, qc, kl_bound, thresholds):
     """The torch or the numpy (host) evaluation of the dual (all constraints active)."""
     if kind == "torch":
-        return estep._DualProblem(q, qc, kl_bound, np.asarray(thresholds, dtype=np.float64))
-    return estep._HostDualProblem(q.numpy(), qc.numpy(), kl_bound,
+        return estep.DualProblem(q, qc, kl_bound, np.asarray(thresholds, dtype=np.float64))
+    return estep_fast.HostDualProblem(q.numpy(), qc.numpy(), kl_bound,
                                   np.asarray(thresholds, dtype=np.float64))
 
 
@@ -217,7 +211,7 @@ def test_host_evaluation_matches_torch(B, K, m):
         # max |Qc|): near a one-hot q it cancels to round-off in either evaluation
         moments = math.log(K) ** 2 + (qc.abs().max().item() if m else 0.0) ** 2 + 1.0
         np.testing.assert_allclose(a.hessian, b.hessian, rtol=1e-9, atol=1e-13 * moments / eta)
-        np.testing.assert_allclose(a.weights.T, b.weights.numpy(), rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(a.weights, b.weights.numpy(), rtol=1e-10, atol=1e-15)
     assert host.mean_row_variance() == pytest.approx(torch_problem.mean_row_variance(), rel=1e-12)
     q_host, qc_host = host.host_data()
     np.testing.assert_array_equal(q_host, q.numpy())
@@ -226,11 +220,11 @@ def test_host_evaluation_matches_torch(B, K, m):
 
 def solve_both_paths(monkeypatch, *args, **kwargs):
     """solve_dual through the numpy (host) path and through the torch path."""
-    assert estep._use_host(args[0])
+    assert estep_fast.use_host(args[0])
     host = solve_dual(*args, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(estep, "_HOST_MAX_PAIRS", 0)
-        assert not estep._use_host(args[0])
+        patch.setattr(estep_fast, "HOST_MAX_PAIRS", 0)
+        assert not estep_fast.use_host(args[0])
         reference = solve_dual(*args, **kwargs)
     return host, reference
 
@@ -318,11 +312,11 @@ def test_small_solve_matches_lapack(n):
             d = 1.0 / np.sqrt(a.diagonal())
             a = a * np.outer(d, d)
         b = rng.normal(size=n)
-        x = estep._solve_small(a.tolist(), b.tolist())
+        x = estep_data.solve_small(a.tolist(), b.tolist())
         np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-9,
                                    atol=1e-12 * np.abs(np.linalg.solve(a, b)).max())
     with pytest.raises(np.linalg.LinAlgError):
-        estep._solve_small([[1.0, 2.0], [2.0, 4.0]], [1.0, 1.0])
+        estep_data.solve_small([[1.0, 2.0], [2.0, 4.0]], [1.0, 1.0])
 
 
 def test_result_fields_and_dtypes():
@@ -570,10 +564,10 @@ def test_cvxpy_without_dpp_solves_the_same_program(monkeypatch):
     assert not plain.fallback and "without DPP" in plain.message
     assert abs(plain.objective - reference.objective) <= 1e-6 * abs(reference.objective)
     # by default only problems up to CVXPY_DPP_MAX_PAIRS pairs go through DPP
-    monkeypatch.setattr(estep, "CVXPY_DPP_MAX_PAIRS", 16 * 8 - 1)
+    monkeypatch.setattr(estep_cvxpy, "CVXPY_DPP_MAX_PAIRS", 16 * 8 - 1)
     auto = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy")
     assert "without DPP (B*K = 128)" in auto.message
-    monkeypatch.setattr(estep, "CVXPY_DPP_MAX_PAIRS", 16 * 8)
+    monkeypatch.setattr(estep_cvxpy, "CVXPY_DPP_MAX_PAIRS", 16 * 8)
     assert solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy").message == ""
 
 
