@@ -47,13 +47,13 @@ def _fake_batch(rng, n, obs_dim, act_dim, m):
 _PHASES = (
     ("learner_update_total", "update", "core/learner/learner.py"),
     ("loss_total", "compute_loss_for_module", "cvpo_torch_learner.py"),
-    ("critic_evaluation", "_values", "cvpo_torch_learner.py"),
+    ("critic_evaluation", "q_values", "default_cvpo_torch_rl_module.py"),
     ("dual_solve", "solve_dual", "cvpo/estep.py"),
     ("mstep_loss", "mstep_loss", "cvpo/mstep.py"),
-    ("backward", "compute_gradients", "cvpo_torch_learner.py"),
-    ("optimizer_and_target_update", "apply_gradients", "cvpo_torch_learner.py"),
+    ("backward", "compute_gradients", "common/torch_learner.py"),
+    ("optimizer_and_target_update", "apply_gradients", "common/torch_learner.py"),
     ("target_update", "polyak_update", "cvpo/networks.py"),
-    ("metrics_logging", "_log", "cvpo_torch_learner.py"),
+    ("metrics_logging", "record_metrics", "common/torch_learner.py"),
 )
 
 

@@ -54,7 +54,7 @@ class _TorchWithoutIsfinite(types.ModuleType):
 
 @contextlib.contextmanager
 def _guard_disabled():
-    from rllib_ext.cvpo.torch import cvpo_torch_learner as mod
+    from rllib_ext.common import torch_learner as mod
 
     mod.torch = _TorchWithoutIsfinite()
     try:

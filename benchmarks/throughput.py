@@ -43,8 +43,8 @@ def raw_env_rate(env_id: str, seconds: float) -> float:
 
 def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool, args,
         async_sampling: bool | None = None) -> dict:
+    from rllib_ext.common import metrics as M
     from rllib_ext.cvpo import CVPOConfig
-    from rllib_ext.cvpo import metrics as M
 
     cfg = (
         CVPOConfig()

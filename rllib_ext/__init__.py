@@ -6,7 +6,6 @@ every env id that :func:`cvpo.envs.make_env` accepts.
 """
 
 
-import ray  # noqa: E402
 from ray.tune.registry import register_trainable  # noqa: E402
 
 import cvpo  # noqa: E402,F401  (drops third-party import banners first)
@@ -16,15 +15,17 @@ from rllib_ext.sac_lag import SACLag, SACLagConfig  # noqa: E402
 
 
 def register() -> None:
-    """(Re-)registers "CVPO", "SACLag" and the env ids with Tune's registry."""
+    """(Re-)registers "CVPO", "SACLag" and the env ids with Tune's registry.
+
+    Runs at import. Tune keeps registrations in the running Ray session, so after a
+    ``ray.shutdown()`` and a new ``ray.init()`` in the same process call it again
+    before ``tune.Tuner("CVPO", ...)`` by name (building an algorithm registers the
+    env ids by itself)."""
     register_trainable("CVPO", CVPO)
     register_trainable("SACLag", SACLag)
-    register_all(force=True)
+    register_all()
 
 
 register()
-# Tune writes registrations into the running Ray once; a later ray.init() in
-# the same process (tests, notebooks) starts without them, so register again.
-ray._private.worker._post_init_hooks.append(register)
 
 __all__ = ["CVPO", "CVPOConfig", "SACLag", "SACLagConfig", "register"]

@@ -209,7 +209,7 @@ def best_feasible_target(algorithm) -> tuple[str, Any]:
     under Tune (on Tune's storage filesystem), or in the Algorithm's logdir
     without Tune.
     """
-    from rllib_ext.cvpo.metrics import BEST_FEASIBLE_DIR
+    from rllib_ext.common.metrics import BEST_FEASIBLE_DIR
 
     own = getattr(algorithm, "best_feasible_path", None)
     if own:

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import gymnasium as gym
-from ray.tune.registry import ENV_CREATOR, _global_registry, register_env
+from ray.tune.registry import ENV_CREATOR, register_env
 
 from cvpo import envs as cvpo_envs
 
@@ -29,26 +29,27 @@ def env_creator(env_id: str) -> Callable[[Dict[str, Any]], gym.Env]:
     return _create
 
 
+def _registry_has(env_id: str) -> bool:
+    """Whether Tune's registry (this Ray session's, once Ray runs) knows ``env_id``.
+
+    Tune has no public lookup; its registry object is read here, at call time only."""
+    from ray.tune.registry import _global_registry
+
+    return _global_registry.contains(ENV_CREATOR, env_id)
+
+
 def ensure_registered(env_id: str) -> None:
-    """Registers ``env_id`` with Tune's registry (idempotent)."""
-    if env_id in _REGISTERED:
-        return
-    if _global_registry.contains(ENV_CREATOR, env_id) and env_id not in _REGISTERED:
-        # a user registered their own creator under this name: keep it
+    """Registers ``env_id`` with Tune's registry unless it knows the id already (ours,
+    or a creator a user registered under that name, which is kept)."""
+    if not _registry_has(env_id):
+        register_env(env_id, env_creator(env_id))
         _REGISTERED.add(env_id)
-        return
-    register_env(env_id, env_creator(env_id))
-    _REGISTERED.add(env_id)
 
 
-def register_all(force: bool = False) -> int:
-    """Registers the tiny task and every Safety-Gymnasium id; returns the count.
-
-    ``force`` registers again ids registered before (Tune's registry forgets
-    them when Ray is shut down and started again in the same process).
-    """
-    if force:
-        _REGISTERED.clear()
+def register_all() -> int:
+    """Registers the tiny task and every Safety-Gymnasium id that the registry does not
+    know yet (Tune's registry forgets them when Ray is shut down and started again in
+    the same process); returns the count."""
     ids = [cvpo_envs.POINT_HAZARD_ID]
     try:
         ids += cvpo_envs.list_safety_gymnasium_ids()
@@ -73,7 +74,9 @@ def probe_env(env: Any, env_config: Dict[str, Any], cost_keys: Sequence[str]) ->
     Tune under that name) or a gym.Env subclass.
     """
     if isinstance(env, str):
-        if _global_registry.contains(ENV_CREATOR, env) and env not in _REGISTERED:
+        if _registry_has(env) and env not in _REGISTERED:  # a user's own creator
+            from ray.tune.registry import _global_registry
+
             instance = _global_registry.get(ENV_CREATOR, env)(env_config)
         else:
             instance = cvpo_envs.make_env(env, **env_config)  # clear errors for bad ids

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 
 STEPS_COL = "env_runners/num_env_steps_sampled_lifetime"
 RETURN_COL = f"env_runners/{M.EPISODE_RETURN_MEAN}"

@@ -130,7 +130,7 @@ def git_commit() -> str:
 
 def _log_row(result: Dict[str, Any]) -> Dict[str, Any]:
     """The numbers of one iteration worth keeping in the run folder's progress.jsonl."""
-    from rllib_ext.cvpo import metrics as M
+    from rllib_ext.common import metrics as M
 
     row: Dict[str, Any] = {"iteration": result.get("training_iteration"), "time_s": result.get("time_total_s")}
     sections = {
@@ -149,7 +149,7 @@ def _log_row(result: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _eval_costs(er: Dict[str, Any]) -> Optional[float]:
-    from rllib_ext.cvpo import metrics as M
+    from rllib_ext.common import metrics as M
 
     value = er.get(M.EPISODE_COST_MEAN)
     return None if value is None else float(value)
@@ -161,7 +161,7 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
     import ray
 
     from rllib_ext.cli.evaluate import evaluate_checkpoint
-    from rllib_ext.cvpo import metrics as M
+    from rllib_ext.common import metrics as M
     from rllib_ext.progress import ProgressLine, env_steps
 
     steps = int(steps or TASKS[task]["steps"])

@@ -16,9 +16,9 @@ import yaml
 
 from cvpo.constraints import cost_limits, violation_rate, violations
 from cvpo.envs import POINT_HAZARD_ID, make_env
+from rllib_ext.common import metrics as M
+from rllib_ext.common.callbacks import CostMetricsCallback
 from rllib_ext.cvpo import CVPOConfig
-from rllib_ext.cvpo import metrics as M
-from rllib_ext.cvpo.callbacks import CostMetricsCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_COSTS_YAML = ROOT / "tuned_examples" / "cvpo" / "point_goal2_two_costs.yaml"

@@ -4,28 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from cvpo.envs import POINT_HAZARD_ID
-from rllib_ext.cvpo import CVPO, CVPOConfig
-from rllib_ext.cvpo import metrics as M
-from rllib_ext.cvpo.callbacks import CostMetricsCallback
-
-
-def small_config(env=POINT_HAZARD_ID, **training):
-    kw = dict(
-        cost_limit=5.0,
-        num_sampled_actions=8,
-        actor_hiddens=[32, 32],
-        critic_hiddens=[32, 32],
-        train_batch_size_per_learner=64,
-        num_steps_sampled_before_learning_starts=200,
-        updates_per_learner_call=4,
-        training_intensity=0.1,
-    )
-    kw.update(training)
-    cfg = CVPOConfig().environment(env).env_runners(num_env_runners=0).training(**kw)
-    cfg.min_sample_timesteps_per_iteration = 300
-    cfg.seed = 0
-    return cfg
+from rllib_ext.common import metrics as M
+from rllib_ext.common.callbacks import CostMetricsCallback
+from rllib_ext.cvpo import CVPO
 
 
 def learner_state(algo):
@@ -36,8 +17,8 @@ def module_weights(algo):
     return {k: v.detach().clone() for k, v in algo.learner_group._learner.module["default_policy"].state_dict().items()}
 
 
-def test_training_reports_cost_and_learner_metrics(ray_local):
-    algo = small_config().build_algo()
+def test_training_reports_cost_and_learner_metrics(ray_local, tiny_config):
+    algo = tiny_config().build_algo()
     try:
         r1 = algo.train()
         r2 = algo.train()
@@ -75,8 +56,8 @@ def test_training_reports_cost_and_learner_metrics(ray_local):
     assert r1["training_iteration"] == 1 and r2["training_iteration"] == 2
 
 
-def test_checkpoint_restores_exactly_and_training_continues(ray_local, tmp_path):
-    algo = small_config().build_algo()
+def test_checkpoint_restores_exactly_and_training_continues(ray_local, tmp_path, tiny_config):
+    algo = tiny_config().build_algo()
     try:
         algo.train()
         algo.train()
@@ -121,8 +102,8 @@ def test_checkpoint_restores_exactly_and_training_continues(ray_local, tmp_path)
         restored.stop()
 
 
-def test_replay_buffer_in_checkpoint_when_asked(ray_local, tmp_path):
-    algo = small_config(store_buffer_in_checkpoints=True).build_algo()
+def test_replay_buffer_in_checkpoint_when_asked(ray_local, tmp_path, tiny_config):
+    algo = tiny_config(store_buffer_in_checkpoints=True).build_algo()
     try:
         algo.train()
         path = algo.save(str(tmp_path / "ckpt")).checkpoint.path
@@ -148,11 +129,11 @@ class _CountSteps(CostMetricsCallback):
 
 
 @pytest.mark.parametrize("async_sampling", [True, False])
-def test_two_env_runners_on_safety_point_goal(ray_local, async_sampling):
+def test_two_env_runners_on_safety_point_goal(ray_local, async_sampling, tiny_config):
     """Both runners sample; with async sampling each keeps one 50-step chunk in
     flight while the driver learns, and every other chunk is in the driver's count."""
-    cfg = small_config(
-        "SafetyPointGoal1-v0",
+    cfg = tiny_config(
+        env="SafetyPointGoal1-v0",
         num_steps_sampled_before_learning_starts=100,
         async_sampling=async_sampling,
     )
@@ -179,11 +160,11 @@ def test_two_env_runners_on_safety_point_goal(ray_local, async_sampling):
     assert result[M.CVPO_RESULTS][M.UPDATES_LIFETIME] > 0
 
 
-def test_learner_threads_leave_the_env_runners_their_cores(monkeypatch):
-    from rllib_ext.cvpo.torch import cvpo_torch_learner as L
+def test_learner_threads_leave_the_env_runners_their_cores(monkeypatch, tiny_config):
+    from rllib_ext.common import torch_learner as L
 
     monkeypatch.setattr(L.os, "cpu_count", lambda: 16)
-    cfg = small_config()
+    cfg = tiny_config()
     assert L.learner_threads(cfg) is None  # no remote runners: torch's default
     cfg.env_runners(num_env_runners=6)
     assert L.learner_threads(cfg) == 10
@@ -198,10 +179,10 @@ def test_learner_threads_leave_the_env_runners_their_cores(monkeypatch):
     assert L.learner_threads(cfg) is None  # a learner actor: Ray sets its threads
 
 
-def test_tune_runs_cvpo_by_name(ray_local, tmp_path):
+def test_tune_runs_cvpo_by_name(ray_local, tmp_path, tiny_config):
     from ray import tune
 
-    param_space = small_config().to_dict()
+    param_space = tiny_config().to_dict()
     tuner = tune.Tuner(
         "CVPO",
         param_space=param_space,

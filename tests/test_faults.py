@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 
 MID = "default_policy"
 
 
 def fast_config(env, **training):
-    from test_cvpo_algorithm import small_config
+    """The tiny config (conftest) with updates from the first 150-step iteration."""
+    from conftest import make_tiny_config
 
     kw = dict(num_steps_sampled_before_learning_starts=100, train_batch_size_per_learner=32)
-    kw.update(training)
-    cfg = small_config(env, **kw)
+    cfg = make_tiny_config(env=env, **(kw | training))
     cfg.min_sample_timesteps_per_iteration = 150
     return cfg
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
-from test_cvpo_algorithm import small_config
 
+from rllib_ext.common.torch_learner import load_pickled_tensors_on_cpu
 from rllib_ext.cvpo import CVPO
-from rllib_ext.cvpo.torch.cvpo_torch_learner import LEARNER_STATE_KEY, _load_pickled_tensors_on_cpu
+from rllib_ext.cvpo.cvpo_learner import LEARNER_STATE_KEY
 
 MID = DEFAULT_MODULE_ID
 B = 64
@@ -54,14 +54,14 @@ def _tensors(tree, path=""):
 
 
 @pytest.fixture(scope="module")
-def cpu_checkpoint(tmp_path_factory):
+def cpu_checkpoint(tmp_path_factory, tiny_config):
     """A CPU run's checkpoint after 2 iterations (updates done) and a fixed minibatch."""
     import ray
     from conftest import start_local_ray
 
     if not ray.is_initialized():
         start_local_ray()
-    algo = small_config().build_algo()
+    algo = tiny_config().build_algo()
     try:
         algo.train()
         algo.train()
@@ -156,11 +156,11 @@ def test_gpu_written_checkpoint_restores_on_cpu_and_trains_identically(
     # the simulation is faithful: without the fix, these bytes do not load on a CPU machine
     with pytest.raises(RuntimeError, match="deserialize object on a CUDA device"):
         pickle.loads(blob)
-    with _load_pickled_tensors_on_cpu():  # the learner's loader: map_location="cpu"
+    with load_pickled_tensors_on_cpu():  # the learner's loader: map_location="cpu"
         loaded = pickle.loads(blob)
     assert loaded[LEARNER_STATE_KEY][MID]["trust_region"]["alpha_mu"].device.type == "cpu"
 
-    with caplog.at_level(logging.WARNING, logger="rllib_ext.cvpo.torch.cvpo_torch_learner"):
+    with caplog.at_level(logging.WARNING, logger="rllib_ext.common.torch_learner"):
         gpu = _next_update(tmp_path / "gpu", batch)
     ref = _next_update(tmp_path / "reference", batch)
     assert any("generator_cuda" in r.getMessage() for r in caplog.records)
@@ -213,12 +213,12 @@ class _ClaimsCuda(torch.Tensor):
 
 def test_set_state_maps_cuda_tensors_to_cpu(cpu_checkpoint):
     """In-memory states (e.g. a GPU learner actor's) whose tensors say cuda."""
-    from rllib_ext.cvpo.torch.cvpo_torch_learner import _tensors_to_cpu
+    from rllib_ext.common.torch_learner import tensors_to_cpu
 
     src, state, _ = cpu_checkpoint
     plain = torch.tensor([1.0, 2.0])
     array = np.ones(3)
-    mapped = _tensors_to_cpu({"a": [torch.tensor([1.0, 2.0]).as_subclass(_ClaimsCuda)],
+    mapped = tensors_to_cpu({"a": [torch.tensor([1.0, 2.0]).as_subclass(_ClaimsCuda)],
                               "b": (plain, array)})
     assert type(mapped["a"][0]) is torch.Tensor and mapped["a"][0].device.type == "cpu"
     assert torch.equal(mapped["a"][0], plain)

@@ -1,4 +1,4 @@
-"""cvpo._malloc: glibc thresholds that keep the learner's large tensors on warm pages.
+"""cvpo.runtime: glibc thresholds that keep the learner's large tensors on warm pages.
 
 Page-fault counts make a poor test here: glibc's dynamic thresholds and the
 host's memory reclaim make them vary run to run. What the tuning changes, and
@@ -16,7 +16,7 @@ import textwrap
 PROBE = textwrap.dedent(
     """
     import ctypes, torch
-    from cvpo._malloc import tune_malloc
+    from cvpo.runtime import tune_malloc
 
     class MallInfo2(ctypes.Structure):
         _fields_ = [(name, ctypes.c_size_t) for name in (

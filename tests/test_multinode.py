@@ -24,7 +24,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cvpo.envs import POINT_HAZARD_ID
+import rllib_ext
 from rllib_ext.cvpo import CVPOConfig
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -38,8 +38,8 @@ def cluster():
     """A head node without CPUs (like cluster/aws.yaml's); tests add worker nodes.
 
     Any Ray this process runs (e.g. the ``ray_local`` fixture's) is shut down first;
-    at the end the cluster goes; ``import rllib_ext`` re-registers "CVPO" and
-    the env ids on every ray.init(), so the next test's local Ray knows them.
+    at the end the cluster goes; the next test's local Ray registers "CVPO" and the
+    env ids again (conftest.start_local_ray).
     """
     if ray.is_initialized():
         ray.shutdown()
@@ -68,26 +68,17 @@ def _connect(c: Cluster) -> None:
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": path}},
     )
+    rllib_ext.register()
 
 
 def _tiny_config(num_env_runners: int) -> CVPOConfig:
-    cfg = (
-        CVPOConfig()
-        .environment(POINT_HAZARD_ID)
-        .env_runners(num_env_runners=num_env_runners, rollout_fragment_length=50)
-        .training(
-            cost_limit=5.0,
-            num_sampled_actions=8,
-            actor_hiddens=[32, 32],
-            critic_hiddens=[32, 32],
-            train_batch_size_per_learner=64,
-            num_steps_sampled_before_learning_starts=100,
-            updates_per_learner_call=4,
-            training_intensity=0.05,
-        )
-    )
+    """The tiny config (conftest) with remote EnvRunners and 100-step iterations."""
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config(num_steps_sampled_before_learning_starts=100,
+                           training_intensity=0.05)
+    cfg.env_runners(num_env_runners=num_env_runners, rollout_fragment_length=50)
     cfg.min_sample_timesteps_per_iteration = 100
-    cfg.seed = 0
     return cfg
 
 

@@ -25,11 +25,10 @@ MID = "default_policy"
 
 def fast_config(**training):
     """A tiny CVPO config whose iterations take a few seconds (updates from iteration 1)."""
-    from test_cvpo_algorithm import small_config
+    from conftest import make_tiny_config
 
     kw = dict(num_steps_sampled_before_learning_starts=100, train_batch_size_per_learner=32)
-    kw.update(training)
-    cfg = small_config(**kw)
+    cfg = make_tiny_config(**(kw | training))
     cfg.min_sample_timesteps_per_iteration = 150
     return cfg
 
@@ -130,7 +129,7 @@ def test_restore_in_new_process_is_bit_identical_with_replay(ray_local, tmp_path
 
 
 def test_replay_buffer_not_in_checkpoint_by_default(ray_local, tmp_path):
-    from rllib_ext.cvpo.cvpo import REPLAY_STATE_KEY
+    from rllib_ext.common.off_policy import REPLAY_STATE_KEY
 
     algo = fast_config().build_algo()
     try:

@@ -12,28 +12,17 @@ import pytest
 import torch
 
 from cvpo.envs import POINT_HAZARD_ID
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 from rllib_ext.sac_lag import SACLag, SACLagConfig
 from rllib_ext.sac_lag.validation import SACLagConfigError
 
 MID = "default_policy"
-TINY = dict(
-    cost_limit=5.0,
-    actor_hiddens=[32, 32],
-    critic_hiddens=[32, 32],
-    train_batch_size_per_learner=64,
-    num_steps_sampled_before_learning_starts=200,
-    updates_per_learner_call=4,
-    training_intensity=0.1,
-)
 
 
 def small_config(**training):
-    kw = dict(TINY) | training
-    cfg = SACLagConfig().environment(POINT_HAZARD_ID).env_runners(num_env_runners=0).training(**kw)
-    cfg.min_sample_timesteps_per_iteration = 300
-    cfg.seed = 0
-    return cfg
+    from conftest import make_tiny_config
+
+    return make_tiny_config("SACLag", **training)
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -185,10 +174,10 @@ def test_checkpoint_restore_is_bit_exact_and_updates_continue_identically(ray_lo
 
 
 # -- command line ------------------------------------------------------------------------------------
-def test_rllib_train_evaluate_report(ray_local, tmp_path, capsys):
+def test_rllib_train_evaluate_report(ray_local, tmp_path, capsys, tiny_training):
     from rllib_ext import cli
 
-    config = dict(TINY) | {"min_sample_timesteps_per_iteration": 300, "num_env_runners": 0,
+    config = tiny_training | {"min_sample_timesteps_per_iteration": 300, "num_env_runners": 0,
                            "evaluation_interval": 1, "evaluation_duration": 2}
     code = cli.main(["train", "--algo", "SACLag", "--env", POINT_HAZARD_ID,
                      "--config", json.dumps(config), "--stop", '{"training_iteration": 1}',

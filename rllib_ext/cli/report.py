@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 
 RETURN_COL = f"env_runners/{M.EPISODE_RETURN_MEAN}"
 COST_COL = f"env_runners/{M.EPISODE_COST_MEAN}"

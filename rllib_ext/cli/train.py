@@ -137,7 +137,7 @@ def check_env(env: str | None, env_config: dict[str, Any]) -> None:
 
 
 def _experiment_config(algo_name: str, env: str, config: dict[str, Any]) -> dict[str, Any]:
-    from rllib_ext.cvpo.callbacks import CostMetricsCallback
+    from rllib_ext.common.callbacks import CostMetricsCallback
 
     param_space = dict(config)
     param_space["env"] = env

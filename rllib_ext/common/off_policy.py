@@ -45,14 +45,13 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 
+from cvpo.defaults import HIDDENS, STD_MAX, STD_MIN
 from cvpo.envs import NoCostSignalError, NonFiniteSignalError
 from cvpo.replay import EpisodeChunk, NStepAccumulator, NStepReplayBuffer
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 
 logger = logging.getLogger(__name__)
 
-REWARD_REDUCTIONS = ("min", "mean")
-COST_REDUCTIONS = ("mean", "max")
 REPLAY_STATE_KEY = "cvpo_replay"
 #: driver checkpoint keys (shared by CVPO and SACLag; the names predate SACLag)
 NUM_UPDATES_STATE_KEY = "cvpo_num_updates"
@@ -74,10 +73,10 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
         self.cost_keys: Optional[List[str]] = None  # info keys; None -> ["cost"]
         self.episode_horizon: Optional[int] = None  # None -> the env's time limit
         # --- networks and optimisation ---
-        self.actor_hiddens = (128, 128)
-        self.critic_hiddens = (128, 128)
-        self.std_min = 1e-3
-        self.std_max = 2.0
+        self.actor_hiddens = HIDDENS
+        self.critic_hiddens = HIDDENS
+        self.std_min = STD_MIN
+        self.std_max = STD_MAX
         self.actor_lr = 5e-4
         self.critic_lr = 1e-3
         self.tau = 0.05  # polyak rate of the target networks
@@ -126,7 +125,7 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
         # After each evaluation whose cost meets every limit and whose return beats the
         # best such evaluation so far, save a checkpoint to <trial dir>/best_feasible.
         self.keep_best_feasible_checkpoint = True
-        from rllib_ext.cvpo.callbacks import CostMetricsCallback
+        from rllib_ext.common.callbacks import CostMetricsCallback
 
         self.callbacks_class = CostMetricsCallback
 
@@ -273,6 +272,16 @@ class ConstrainedOffPolicy(Algorithm):
 
     #: whether :meth:`_finished_episode_costs` keeps the per-step costs of open episodes
     _tracks_episode_costs: bool = True
+
+    @override(Algorithm)
+    def setup(self, config) -> None:
+        # The EnvRunners look the env id up in this Ray session's registry: a ray.init()
+        # after an earlier ray.shutdown() in the same process starts without the ids that
+        # `import rllib_ext` registered, so register them (again) first.
+        from rllib_ext.envs import register_all
+
+        register_all()
+        super().setup(config)
 
     @classmethod
     @override(Algorithm)

@@ -10,7 +10,7 @@ cost timing and the episodic-cost feedback of the training episodes
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -19,20 +19,12 @@ from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.annotations import override
 
+from cvpo.defaults import ESTEP_LAMBDA_MAX
 from cvpo.replay import EpisodeChunk
 from cvpo.threshold import ThresholdFeedback, TimingCorrection
-from rllib_ext.common.off_policy import (  # noqa: F401  (re-exported: CVPO's names of old)
-    COST_REDUCTIONS,
-    REPLAY_STATE_KEY,
-    REWARD_REDUCTIONS,
-    ConstrainedOffPolicy,
-    ConstrainedOffPolicyConfig,
-    episode_to_chunk,
-)
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
+from rllib_ext.common.off_policy import ConstrainedOffPolicy, ConstrainedOffPolicyConfig
 
-ESTEP_SOLVERS = ("newton", "cvxpy")
-THRESHOLD_TIMINGS = ("measured", "even")
 FEEDBACK_STATE_KEY = "cvpo_threshold_feedback"
 TIMING_STATE_KEY = "cvpo_threshold_timing"
 
@@ -46,7 +38,7 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
             CVPOConfig()
             .environment("SafetyPointGoal1-v0")
             .env_runners(num_env_runners=2)
-            .training(cost_limit=25.0, kl_bound=0.1, num_sampled_actions=32)
+            .training(cost_limit=25.0, estep_kl=0.1, num_sampled_actions=32)
         )
         algo = config.build_algo()
 
@@ -59,10 +51,10 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class or CVPO)
         # --- E-step ---
-        self.kl_bound = 0.1  # epsilon: mean KL(q || pi_old) over states
+        self.estep_kl = 0.1  # epsilon: mean KL(q || pi_old) over states
         self.num_sampled_actions = 16  # K actions per state (FSRL's default)
         self.estep_solver = "newton"
-        self.estep_lambda_max = 1000.0  # cap on lambda (infeasible steps hit it)
+        self.estep_lambda_max = ESTEP_LAMBDA_MAX  # cap on lambda (infeasible steps hit it)
         # The per-step threshold (cvpo.threshold, docs/constraint.md): "even" is the paper's
         # C (1 - gamma^T) / ((1 - gamma) T), exact for cost spread evenly over the episode;
         # "measured" replaces the even spread by the cost timing of the last
@@ -78,9 +70,11 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         # --- M-step trust region ---
         self.mstep_kl_mu = 0.01
         self.mstep_kl_sigma = 0.0005
-        self.alpha_lr = 10.0  # step size of the KL multipliers' own updates
+        self.mstep_alpha_lr = 10.0  # step size of the KL multipliers' own updates
         self.alpha_mu_max = 10.0
         self.alpha_sigma_max = 100.0
+        # --- the actor's covariance: "diagonal", or "full" (Cholesky, the original CVPO's) ---
+        self.actor_covariance = "diagonal"
         # --- critics (tau, the polyak rate, also moves the target actor pi_old) ---
         self.num_target_actions = 1  # actions from pi_old averaged for the TD target V(s')
 
@@ -88,7 +82,7 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
     def training(
         self,
         *,
-        kl_bound=NotProvided,
+        estep_kl=NotProvided,
         num_sampled_actions=NotProvided,
         estep_solver=NotProvided,
         estep_lambda_max=NotProvided,
@@ -98,10 +92,13 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         threshold_kappa_range=NotProvided,
         mstep_kl_mu=NotProvided,
         mstep_kl_sigma=NotProvided,
-        alpha_lr=NotProvided,
+        mstep_alpha_lr=NotProvided,
         alpha_mu_max=NotProvided,
         alpha_sigma_max=NotProvided,
+        actor_covariance=NotProvided,
         num_target_actions=NotProvided,
+        kl_bound=NotProvided,
+        alpha_lr=NotProvided,
         **kwargs,
     ) -> "CVPOConfig":
         """Sets CVPO's hyper-parameters (any left out keep their value).
@@ -118,7 +115,7 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         threshold formula.
 
         Args:
-            kl_bound: E-step bound epsilon on the mean KL(q || pi_old).
+            estep_kl: E-step bound epsilon on the mean KL(q || pi_old).
             num_sampled_actions: K actions sampled per state in the E-step.
             estep_solver: "newton" (exact, fast) or "cvxpy" (the reference model).
             estep_lambda_max: cap on each lambda; reaching it marks an infeasible step.
@@ -130,8 +127,12 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
                 episodic cost meets the limit (cvpo.threshold); 0 switches it off.
             threshold_kappa_range: (min, max) of kappa.
             mstep_kl_mu, mstep_kl_sigma: trust-region bounds of the M-step.
-            alpha_lr, alpha_mu_max, alpha_sigma_max: the KL multipliers' step size and caps.
+            mstep_alpha_lr, alpha_mu_max, alpha_sigma_max: the KL multipliers' step size
+                and caps.
+            actor_covariance: "diagonal" (a std per action dimension) or "full" (a
+                Cholesky factor per state, the original CVPO's actor).
             num_target_actions: actions from pi_old averaged in the TD target.
+            kl_bound, alpha_lr: accepted aliases of ``estep_kl`` and ``mstep_alpha_lr``.
         """
         super().training(**kwargs)
         for name, value in list(locals().items()):
@@ -139,6 +140,25 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
                 continue
             setattr(self, name, value)
         return self
+
+    # -- the accepted aliases of renamed keys (YAML files and --config of older runs) --------
+    @property
+    def kl_bound(self) -> float:
+        """Alias of ``estep_kl``."""
+        return self.estep_kl
+
+    @kl_bound.setter
+    def kl_bound(self, value: float) -> None:
+        self.estep_kl = value
+
+    @property
+    def alpha_lr(self) -> float:
+        """Alias of ``mstep_alpha_lr``."""
+        return self.mstep_alpha_lr
+
+    @alpha_lr.setter
+    def alpha_lr(self, value: float) -> None:
+        self.mstep_alpha_lr = value
 
     # -- derived values -----------------------------------------------------------------
     def step_thresholds(self) -> np.ndarray:
@@ -159,6 +179,20 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         from rllib_ext.cvpo.validation import validate_cvpo_config
 
         validate_cvpo_config(self)
+
+    @property
+    @override(AlgorithmConfig)
+    def _model_config_auto_includes(self) -> dict[str, Any]:
+        # the module owns the forward passes: the covariance form, the ensemble
+        # reductions and the numbers of sampled actions reach it through model_config
+        return super()._model_config_auto_includes | {
+            "actor_covariance": self.actor_covariance,
+            "reward_critic_reduction": self.reward_critic_reduction,
+            "cost_critic_reduction": self.cost_critic_reduction,
+            "cost_target_reduction": self.cost_target_reduction,
+            "num_sampled_actions": self.num_sampled_actions,
+            "num_target_actions": self.num_target_actions,
+        }
 
     @override(AlgorithmConfig)
     def get_default_rl_module_spec(self) -> RLModuleSpec:

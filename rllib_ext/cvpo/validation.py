@@ -19,7 +19,13 @@ from typing import Any
 import gymnasium as gym
 
 from cvpo.constraints import CostLimitCountError, cost_limits
-from rllib_ext.cvpo.cvpo import COST_REDUCTIONS, ESTEP_SOLVERS, REWARD_REDUCTIONS, THRESHOLD_TIMINGS
+from cvpo.defaults import (
+    ACTOR_COVARIANCES,
+    COST_REDUCTIONS,
+    ESTEP_SOLVERS,
+    REWARD_REDUCTIONS,
+    THRESHOLD_TIMINGS,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +117,12 @@ def validate_cvpo_config(cfg) -> None:
     """Checks CVPO's keys, then the shared ones, then probes the env (horizon, spaces, cost signal)."""
     check_constraint_keys(cfg)
     _check_num_learners(cfg)
-    _positive(cfg, "kl_bound")
+    _positive(cfg, "estep_kl")
     k = cfg.num_sampled_actions
     if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 2):
         raise _bad("num_sampled_actions", k, "an integer >= 2")
     _choice(cfg, "estep_solver", ESTEP_SOLVERS)
+    _choice(cfg, "actor_covariance", ACTOR_COVARIANCES)
     _positive(cfg, "estep_lambda_max")
     _choice(cfg, "step_threshold_timing", THRESHOLD_TIMINGS)
     _positive(cfg, "threshold_timing_window", integer=True)
@@ -124,7 +131,8 @@ def validate_cvpo_config(cfg) -> None:
     if not (isinstance(kr, (list, tuple)) and len(kr) == 2 and all(_is_real(x) for x in kr)
             and 0 < kr[0] <= 1 <= kr[1]):
         raise _bad("threshold_kappa_range", kr, "(min, max) with 0 < min <= 1 <= max")
-    for key in ("mstep_kl_mu", "mstep_kl_sigma", "alpha_lr", "alpha_mu_max", "alpha_sigma_max"):
+    for key in ("mstep_kl_mu", "mstep_kl_sigma", "mstep_alpha_lr", "alpha_mu_max",
+                "alpha_sigma_max"):
         _positive(cfg, key)
     _positive(cfg, "num_target_actions", integer=True)
     validate_off_policy_config(cfg)

@@ -26,8 +26,8 @@ from ray.rllib.utils.annotations import override
 
 from cvpo.lagrange import LagrangeMultipliers
 from cvpo.replay import EpisodeChunk
+from rllib_ext.common import metrics as M
 from rllib_ext.common.off_policy import ConstrainedOffPolicy, ConstrainedOffPolicyConfig
-from rllib_ext.cvpo import metrics as M
 from rllib_ext.sac_lag.validation import SACLagConfigError
 
 LAGRANGE_STATE_KEY = "saclag_lagrange"

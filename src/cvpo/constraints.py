@@ -2,14 +2,14 @@
 
 The critics estimate discounted values, but a cost limit C is an undiscounted
 sum over an episode of fixed length T. Assuming the cost is spread evenly over
-the episode (shared/design/cvpo.md, "Per-step threshold"):
+the episode (docs/algorithm.md#per-step-threshold):
 
     eps = C * (1 - gamma**T) / ((1 - gamma) * T)
 
 This mapping is only meaningful if every episode runs its full time limit T.
 
 Also the one definition of the episodic limits of m >= 1 constraints and of a
-violation, used by the training metrics (``rllib_ext.cvpo.callbacks``),
+violation, used by the training metrics (``rllib_ext.common.callbacks``),
 ``rllib evaluate``, ``rllib report`` and the progress line:
 
 - :func:`cost_limits` turns ``cost_limit`` (a float for every constraint, or one
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cvpo.defaults import DEFAULT_COST_KEY
+
 __all__ = [
     "CostLimitCountError",
     "constraint_names",
@@ -37,8 +39,6 @@ __all__ = [
     "violation_rate",
     "violations",
 ]
-
-DEFAULT_COST_KEY = "cost"
 
 
 def _check_gamma_horizon(gamma: float, horizon: int) -> tuple[float, int]:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from cvpo.defaults import HIDDENS, STD_MAX, STD_MIN
+
 __all__ = ["CriticEnsemble", "GaussianActor", "mlp", "polyak_update"]
 
 ActivationFactory = Callable[[], nn.Module]
@@ -96,10 +98,10 @@ class GaussianActor(nn.Module):
         self,
         obs_dim: int,
         act_dim: int,
-        hidden: Sequence[int] = (128, 128),
+        hidden: Sequence[int] = HIDDENS,
         activation: ActivationFactory = nn.ReLU,
-        std_min: float = 1e-3,
-        std_max: float = 1.0,
+        std_min: float = STD_MIN,
+        std_max: float = STD_MAX,
         cholesky: bool = False,
     ) -> None:
         super().__init__()
@@ -177,7 +179,7 @@ class CriticEnsemble(nn.Module):
         obs_dim: int,
         act_dim: int,
         num_members: int,
-        hidden: Sequence[int] = (128, 128),
+        hidden: Sequence[int] = HIDDENS,
         activation: ActivationFactory = nn.ReLU,
     ) -> None:
         super().__init__()

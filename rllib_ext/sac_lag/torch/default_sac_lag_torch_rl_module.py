@@ -40,6 +40,7 @@ from ray.rllib.utils.annotations import override
 from torch import nn
 
 from cvpo.networks import CriticEnsemble, GaussianActor
+from rllib_ext.common.model_config import model_setting
 
 #: forward_train output keys
 ACTOR_MEAN = "actor_mean"
@@ -70,18 +71,18 @@ class DefaultSACLagTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkA
                 f"SACLag squashes actions into the action space's bounds; {self.action_space} "
                 "has infinite ones. Wrap the env with finite action bounds."
             )
-        cfg = self.model_config
+        get = lambda key: model_setting(self.model_config, key, "SACLag")  # noqa: E731
         self.obs_dim = int(np.prod(self.observation_space.shape))
         self.act_dim = int(np.prod(self.action_space.shape))
-        self.num_reward_critics = int(cfg.get("num_reward_critics", 2))
-        self.num_constraints = int(cfg.get("num_constraints", 1))
-        self.num_cost_critics = int(cfg.get("num_cost_critics", 1))
+        self.num_reward_critics = int(get("num_reward_critics"))
+        self.num_constraints = int(get("num_constraints"))
+        self.num_cost_critics = int(get("num_cost_critics"))
         self.actor = GaussianActor(
             self.obs_dim,
             self.act_dim,
-            hidden=tuple(cfg.get("actor_hiddens", (256, 256))),
-            std_min=float(cfg.get("std_min", 1e-3)),
-            std_max=float(cfg.get("std_max", 2.0)),
+            hidden=tuple(get("actor_hiddens")),
+            std_min=float(get("std_min")),
+            std_max=float(get("std_max")),
         )
         # affine map [-1, 1] -> [low, high]; buffers (not saved) so they follow .to(device)
         low_t = torch.as_tensor(low.reshape(-1), dtype=torch.float32)
@@ -94,9 +95,9 @@ class DefaultSACLagTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkA
                 self.obs_dim,
                 self.act_dim,
                 members,
-                hidden=tuple(cfg.get("critic_hiddens", (256, 256))),
+                hidden=tuple(get("critic_hiddens")),
             )
-            alpha0 = float(cfg.get("initial_alpha", 1.0))
+            alpha0 = float(get("initial_alpha"))
             self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha0), dtype=torch.float32))
 
     # -- TargetNetworkAPI ------------------------------------------------------------

@@ -16,7 +16,7 @@ from ray.rllib.callbacks.callbacks import RLlibCallback
 from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from cvpo.constraints import constraint_names, cost_limits, violations
-from rllib_ext.cvpo import metrics as M
+from rllib_ext.common import metrics as M
 
 
 def _config_costs(config):
