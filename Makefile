@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # overlap well on 2 cores; --dist loadfile keeps each file in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-fast lint train reproduce results bench clean
+.PHONY: install test test-fast lint format train reproduce results bench clean
 
 # `make train`: CVPO on SafetyPointGoal1-v0 with local Ray and all local cores,
 # about 10 minutes here; progress every iteration, a checkpoint and a PNG.
@@ -71,8 +71,16 @@ bench: $(STAMP)
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/throughput.py --quick
 
+LINT_PATHS = src rllib_ext tests benchmarks cluster tuned_examples
+# `make lint` checks what `make format` writes (pyproject.toml: line length 100, pyupgrade);
+# tests/test_architecture.py runs the same checks in `make test`.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src rllib_ext tests benchmarks cluster
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -17,7 +17,8 @@ deterministic (evaluation) episodes, and prints JSON with:
   error: it equals the limit only for cost spread evenly over full episodes).
 
   .venv/bin/python benchmarks/constraint_diagnosis.py CHECKPOINT [--episodes 20]
-  .venv/bin/python benchmarks/constraint_diagnosis.py --tiny-ablation --write docs/constraint_tiny.md
+  .venv/bin/python benchmarks/constraint_diagnosis.py --tiny-ablation \
+      --write docs/constraint_tiny.md
 
 ``--tiny-ablation`` trains the learning test's configuration on the tiny hazard
 task (limit 5, 30 x 1000 steps, seed 0) once per threshold / cost-critic
@@ -73,8 +74,16 @@ def _episodes(module, env_id, env_config, keys, episodes, seed, explore):
                 costs.append(sum(float(info.get(k, 0.0)) for k in keys))
                 rewards.append(float(r))
                 obs, done = nxt, term or trunc
-            out.append({"obs": np.array(seen_obs), "act": np.array(seen_act), "cost": np.array(costs),
-                        "ret": float(np.sum(rewards)), "last_obs": obs, "terminated": bool(term)})
+            out.append(
+                {
+                    "obs": np.array(seen_obs),
+                    "act": np.array(seen_act),
+                    "cost": np.array(costs),
+                    "ret": float(np.sum(rewards)),
+                    "last_obs": obs,
+                    "terminated": bool(term),
+                }
+            )
     finally:
         env.close()
     return out
@@ -103,7 +112,9 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
         c = e["cost"]
         tail = 0.0
         if not e["terminated"]:  # bootstrap at the time limit with the critic
-            a_last = np.clip(sample(e["last_obs"]), module.action_space.low, module.action_space.high)
+            a_last = np.clip(
+                sample(e["last_obs"]), module.action_space.low, module.action_space.high
+            )
             tail = float(_critic_costs(module, cfg, e["last_obs"][None], a_last[None]).sum(0)[0])
         G = np.empty(len(c))
         acc = tail
@@ -144,16 +155,27 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
 _ONE = dict(num_cost_critics=1, cost_critic_reduction="mean", cost_target_reduction="mean")
 _TWO_MAX = dict(num_cost_critics=2, cost_critic_reduction="max", cost_target_reduction="max")
 TINY_SETTINGS = [
-    ("paper: even-spread threshold, 1 cost critic",
-     dict(step_threshold_timing="even", threshold_feedback_rate=0.0, **_ONE)),
-    ("even threshold + episodic-cost feedback (rate 0.05), 1 cost critic",
-     dict(step_threshold_timing="even", threshold_feedback_rate=0.05, **_ONE)),
-    ("measured-timing threshold, 1 cost critic",
-     dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_ONE)),
-    ("measured timing + feedback (rate 0.03), 1 cost critic (the defaults)",
-     dict(step_threshold_timing="measured", threshold_feedback_rate=0.03, **_ONE)),
-    ("measured timing, max of 2 cost critics in the E-step and the TD target (the learning test)",
-     dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_TWO_MAX)),
+    (
+        "paper: even-spread threshold, 1 cost critic",
+        dict(step_threshold_timing="even", threshold_feedback_rate=0.0, **_ONE),
+    ),
+    (
+        "even threshold + episodic-cost feedback (rate 0.05), 1 cost critic",
+        dict(step_threshold_timing="even", threshold_feedback_rate=0.05, **_ONE),
+    ),
+    (
+        "measured-timing threshold, 1 cost critic",
+        dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_ONE),
+    ),
+    (
+        "measured timing + feedback (rate 0.03), 1 cost critic (the defaults)",
+        dict(step_threshold_timing="measured", threshold_feedback_rate=0.03, **_ONE),
+    ),
+    (
+        "measured timing, max of 2 cost critics in the E-step and the TD target "
+        "(the learning test)",
+        dict(step_threshold_timing="measured", threshold_feedback_rate=0.0, **_TWO_MAX),
+    ),
 ]
 
 
@@ -166,10 +188,20 @@ def train_tiny(out: str, iterations: int = 30, **training) -> str:
         CVPOConfig()
         .environment("cvpo/PointHazard-v0")
         .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
-        .training(cost_limit=5.0, gamma=0.95, num_sampled_actions=16, num_target_actions=4,
-                  actor_hiddens=[64, 64], critic_hiddens=[64, 64], train_batch_size_per_learner=128,
-                  num_steps_sampled_before_learning_starts=1000, training_intensity=0.25,
-                  updates_per_learner_call=16, learner_torch_threads=1, **training)
+        .training(
+            cost_limit=5.0,
+            gamma=0.95,
+            num_sampled_actions=16,
+            num_target_actions=4,
+            actor_hiddens=[64, 64],
+            critic_hiddens=[64, 64],
+            train_batch_size_per_learner=128,
+            num_steps_sampled_before_learning_starts=1000,
+            training_intensity=0.25,
+            updates_per_learner_call=16,
+            learner_torch_threads=1,
+            **training,
+        )
         .debugging(seed=0)
     )
     algo = cfg.build_algo()
@@ -195,17 +227,21 @@ def tiny_ablation(write: str | None, episodes: int) -> list:
     if write:
         lines = [
             "<!-- written by `benchmarks/constraint_diagnosis.py --tiny-ablation`; do not edit -->",
-            f"Tiny hazard task, limit 5, 30 x 1000 env steps, seed 0; {episodes} episodes per policy "
+            f"Tiny hazard task, limit 5, 30 x 1000 env steps, seed 0; "
+            f"{episodes} episodes per policy "
             "(seeds 10000+). Costs are episodic means (standard error).",
             "",
-            "| setting | cost, deterministic | cost, stochastic | return, deterministic | critic / Monte-Carlo "
+            "| setting | cost, deterministic | cost, stochastic | return, deterministic "
+            "| critic / Monte-Carlo "
             "| state-mean G / threshold | episodic cost at the threshold |",
             "|---|---|---|---|---|---|---|",
         ]
         for d in rows:
             lines.append(
-                f"| {d['setting']} | {d['cost_deterministic']:.2f} ({d['cost_deterministic_se']:.2f}) | "
-                f"{d['cost_stochastic']:.2f} ({d['cost_stochastic_se']:.2f}) | {d['return_deterministic']:.2f} | "
+                f"| {d['setting']} | {d['cost_deterministic']:.2f} "
+                f"({d['cost_deterministic_se']:.2f}) | "
+                f"{d['cost_stochastic']:.2f} ({d['cost_stochastic_se']:.2f}) | "
+                f"{d['return_deterministic']:.2f} | "
                 f"{d['critic_ratio']:.2f} | {d['state_mean_G'] / d['step_threshold']:.2f} | "
                 f"{d['episode_cost_at_threshold']:.2f} |"
             )
@@ -218,8 +254,12 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", nargs="?")
     p.add_argument("--episodes", type=int, default=40)
     p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--tiny-ablation", action="store_true", help="train and diagnose the tiny task's settings")
-    p.add_argument("--write", default=None, help="with --tiny-ablation: write the markdown table here")
+    p.add_argument(
+        "--tiny-ablation", action="store_true", help="train and diagnose the tiny task's settings"
+    )
+    p.add_argument(
+        "--write", default=None, help="with --tiny-ablation: write the markdown table here"
+    )
     args = p.parse_args(argv)
     if args.tiny_ablation:
         tiny_ablation(args.write, args.episodes)

@@ -77,7 +77,9 @@ def bench_case(B: int, K: int, m: int, cvxpy_reps: int, newton_reps: int, seed: 
     cvxpy_median = statistics.median(cvxpy_times)
     newton_median = statistics.median(newton_times)
     return {
-        "B": B, "K": K, "m": m,
+        "B": B,
+        "K": K,
+        "m": m,
         "cvxpy_median_s": cvxpy_median,
         "cvxpy_first_solve_s": first_cvxpy,
         "cvxpy_status": cvx.backend_status,
@@ -114,20 +116,26 @@ def main(argv: list[str] | None = None) -> None:
     import cvxpy
 
     rows = []
-    header = (f"{'B':>5} {'K':>3} {'m':>2} {'cvxpy ms':>9} {'mode':>9} {'newton ms':>9} "
-              f"{'warm ms':>8} {'speedup':>8} {'iters':>5} {'gap rel':>10} {'max dw':>8}")
+    header = (
+        f"{'B':>5} {'K':>3} {'m':>2} {'cvxpy ms':>9} {'mode':>9} {'newton ms':>9} "
+        f"{'warm ms':>8} {'speedup':>8} {'iters':>5} {'gap rel':>10} {'max dw':>8}"
+    )
     print(header, file=sys.stderr)
     for B in args.batch_sizes:
         for K in args.samples:
             for m in args.constraints:
                 row = bench_case(B, K, m, cvxpy_reps, newton_reps, args.seed)
                 rows.append(row)
-                print(f"{B:>5} {K:>3} {m:>2} {row['cvxpy_median_s'] * 1e3:>9.1f} "
-                      f"{row['cvxpy_mode']:>9} "
-                      f"{row['newton_median_s'] * 1e3:>9.2f} "
-                      f"{row['newton_warm_median_s'] * 1e3:>8.2f} {row['speedup']:>8.0f} "
-                      f"{row['newton_iterations']:>5} {row['objective_gap_rel']:>10.1e} "
-                      f"{row['max_weight_diff']:>8.1e}", file=sys.stderr, flush=True)
+                print(
+                    f"{B:>5} {K:>3} {m:>2} {row['cvxpy_median_s'] * 1e3:>9.1f} "
+                    f"{row['cvxpy_mode']:>9} "
+                    f"{row['newton_median_s'] * 1e3:>9.2f} "
+                    f"{row['newton_warm_median_s'] * 1e3:>8.2f} {row['speedup']:>8.0f} "
+                    f"{row['newton_iterations']:>5} {row['objective_gap_rel']:>10.1e} "
+                    f"{row['max_weight_diff']:>8.1e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     report = {
         "benchmark": "estep_dual",
         "kl_bound": KL_BOUND,
@@ -139,8 +147,11 @@ def main(argv: list[str] | None = None) -> None:
             "torch_threads": torch.get_num_threads(),
             "load_average": os.getloadavg(),
         },
-        "versions": {"torch": torch.__version__, "cvxpy": cvxpy.__version__,
-                     "numpy": np.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "cvxpy": cvxpy.__version__,
+            "numpy": np.__version__,
+        },
         "results": rows,
     }
     print(json.dumps(report))

@@ -150,9 +150,13 @@ def main():
     p.add_argument("--updates-per-call", type=int, default=8)
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--solver", default="newton")
-    p.add_argument("--reward-critics", type=int, default=1,
-                   help="reward critics (1: the reference, FSRL's double_critic=False; "
-                   "CVPOConfig's default is 2)")
+    p.add_argument(
+        "--reward-critics",
+        type=int,
+        default=1,
+        help="reward critics (1: the reference, FSRL's double_critic=False; "
+        "CVPOConfig's default is 2)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
@@ -168,8 +172,12 @@ def main():
     def one_call():
         data = _fake_batch(rng, U * B, args.obs_dim, args.act_dim, 1)
         batch = MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(data)}, env_steps=U * B)
-        return learner.update(batch=batch, minibatch_size=B, num_epochs=1,
-                              timesteps={"num_env_steps_sampled_lifetime": 10_000})
+        return learner.update(
+            batch=batch,
+            minibatch_size=B,
+            num_epochs=1,
+            timesteps={"num_env_steps_sampled_lifetime": 10_000},
+        )
 
     for _ in range(3):  # warm-up
         one_call()
@@ -194,10 +202,17 @@ def main():
     # the same work written straightforwardly, timed right after ours in this process
     from reference_style import updates_per_s as reference_style_updates_per_s
 
-    ref_style = reference_style_updates_per_s(
-        seconds=3.0 if args.calls <= 10 else 6.0, obs_dim=args.obs_dim, act_dim=args.act_dim,
-        batch=B, K=args.K,
-    ) if args.device == "cpu" else float("nan")
+    ref_style = (
+        reference_style_updates_per_s(
+            seconds=3.0 if args.calls <= 10 else 6.0,
+            obs_dim=args.obs_dim,
+            act_dim=args.act_dim,
+            batch=B,
+            K=args.K,
+        )
+        if args.device == "cpu"
+        else float("nan")
+    )
     eval_s, solve_s = peek("estep_critic_eval_time_s"), peek("estep_solve_time_s")
     shares = profile_shares(one_call, updates_per_call=U, calls=max(3, args.calls // 3))
     out = {

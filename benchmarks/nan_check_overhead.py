@@ -131,14 +131,21 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30, help="A/B block pairs")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per learner first")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (default 1: on 2 busy cores, 2 threads made OpenMP "
-                   "barriers dominate, 1.9 vs 27 updates/s; 0 keeps torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on 2 busy cores, 2 threads made OpenMP "
+        "barriers dominate, 1.9 vs 27 updates/s; 0 keeps torch's default)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    learners = {"guarded": build_learner(args), "unguarded": build_learner(args, _unguarded_class())}
+    learners = {
+        "guarded": build_learner(args),
+        "unguarded": build_learner(args, _unguarded_class()),
+    }
     batches = _batches(args, args.calls)
     timesteps = {"num_env_steps_sampled_lifetime": 10_000}
     B = args.batch
@@ -190,7 +197,9 @@ def main(argv=None):
         "overhead_pct": round(100 * (1 - ups["guarded"] / ups["unguarded"]), 2),
         "per_round_ratio": [round(x, 4) for x in per_round],
         "per_round_ratio_median": round(statistics.median(per_round), 4),
-        "per_round_ratio_stdev": round(statistics.stdev(per_round), 4) if len(per_round) > 1 else None,
+        "per_round_ratio_stdev": round(statistics.stdev(per_round), 4)
+        if len(per_round) > 1
+        else None,
         "guard_op_us": round(guard_us, 2),
         "guard_share_of_update_estimate": round(guard_us / update_us, 6),
         "cpu_count": os.cpu_count(),

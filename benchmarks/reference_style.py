@@ -29,7 +29,10 @@ from torch import nn
 
 def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        nn.Linear(n_in, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
         nn.Linear(hidden, n_out),
     )
 
@@ -37,8 +40,9 @@ def _mlp(n_in: int, n_out: int, hidden: int) -> nn.Sequential:
 class _Actor(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, hidden), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
         self.mu = nn.Linear(hidden, act_dim)
         self.sigma = nn.Linear(hidden, act_dim)
 
@@ -92,8 +96,10 @@ class ReferenceStyleUpdate:
             qr, qc = self._q(self.critics, rep.reshape(K * B, -1), sampled.reshape(K * B, -1))
             qr, qc = qr.reshape(K, B), qc.reshape(K, B)
         eta, lam = self.dual[0], self.dual[1]
-        dual_loss = eta * self.kl + lam * self.threshold + eta * torch.mean(
-            torch.logsumexp((qr - lam * qc) / eta, dim=0) - math.log(K)
+        dual_loss = (
+            eta * self.kl
+            + lam * self.threshold
+            + eta * torch.mean(torch.logsumexp((qr - lam * qc) / eta, dim=0) - math.log(K))
         )
         self.dual_optim.zero_grad()
         dual_loss.backward()
@@ -109,8 +115,10 @@ class ReferenceStyleUpdate:
         mle = -(weights * loglik).mean()
         kl_mu = (0.5 * (mu - mu_old) ** 2 / std_old**2).sum(-1).mean()
         kl_std = (0.5 * (torch.log(std**2 / std_old**2) + std_old**2 / std**2 - 1)).sum(-1).mean()
-        m_loss = (self.mstep_dual[0] * (0.01 - kl_mu).detach()
-                  + self.mstep_dual[1] * (5e-4 - kl_std).detach())
+        m_loss = (
+            self.mstep_dual[0] * (0.01 - kl_mu).detach()
+            + self.mstep_dual[1] * (5e-4 - kl_std).detach()
+        )
         self.mstep_optim.zero_grad()
         m_loss.backward()
         self.mstep_optim.step()
@@ -133,9 +141,13 @@ def updates_per_s(seconds: float = 5.0, **kwargs) -> float:
     B, o, d = ref.B, ref.obs_dim, ref.act_dim
 
     def batch():
-        return (torch.randn(B, o, generator=gen), torch.rand(B, d, generator=gen) * 2 - 1,
-                torch.randn(B, generator=gen), torch.randint(0, 2, (B,), generator=gen).float(),
-                torch.randn(B, o, generator=gen))
+        return (
+            torch.randn(B, o, generator=gen),
+            torch.rand(B, d, generator=gen) * 2 - 1,
+            torch.randn(B, generator=gen),
+            torch.randint(0, 2, (B,), generator=gen).float(),
+            torch.randn(B, o, generator=gen),
+        )
 
     data = [batch() for _ in range(16)]
     for i in range(5):
@@ -153,5 +165,11 @@ if __name__ == "__main__":
 
     if len(sys.argv) > 1:
         torch.set_num_threads(int(sys.argv[1]))
-    print(json.dumps({"reference_style_updates_per_s": round(updates_per_s(), 1),
-                      "torch_threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "reference_style_updates_per_s": round(updates_per_s(), 1),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )

@@ -41,8 +41,15 @@ def raw_env_rate(env_id: str, seconds: float) -> float:
     return rate
 
 
-def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool, args,
-        async_sampling: bool | None = None) -> dict:
+def run(
+    env_id: str,
+    runners: int,
+    seconds: float,
+    intensity: float,
+    learn: bool,
+    args,
+    async_sampling: bool | None = None,
+) -> dict:
     from rllib_ext.common import metrics as M
     from rllib_ext.cvpo import CVPOConfig
 
@@ -100,16 +107,27 @@ def run(env_id: str, runners: int, seconds: float, intensity: float, learn: bool
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--env", default="SafetyPointGoal1-v0")
-    p.add_argument("--runners", default=None,
-                   help="comma list (default: 1..cores-1 end to end, 1..cores sampling only)")
+    p.add_argument(
+        "--runners",
+        default=None,
+        help="comma list (default: 1..cores-1 end to end, 1..cores sampling only)",
+    )
     p.add_argument("--seconds", type=float, default=60.0, help="timed window per run")
     p.add_argument("--intensity", type=float, default=0.2)
-    p.add_argument("--envs-per-runner", type=int, default=4,
-                   help="vectorized envs per EnvRunner (one policy forward per step for all)")
+    p.add_argument(
+        "--envs-per-runner",
+        type=int,
+        default=4,
+        help="vectorized envs per EnvRunner (one policy forward per step for all)",
+    )
     p.add_argument("--fragment", type=int, default=100)
     p.add_argument("--updates-per-call", type=int, default=8)
-    p.add_argument("--reward-critics", type=int, default=1,
-                   help="reward critics (1: the reference, FSRL's double_critic=False)")
+    p.add_argument(
+        "--reward-critics",
+        type=int,
+        default=1,
+        help="reward critics (1: the reference, FSRL's double_critic=False)",
+    )
     p.add_argument("--sync", action="store_true", help="sample and update in lockstep")
     p.add_argument("--quick", action="store_true", help="20 s windows")
     args = p.parse_args()
@@ -125,8 +143,9 @@ def main() -> None:
         sampling_runners = list(range(1, cores + 1))
     import ray
 
-    ray.init(num_cpus=max(cores, max(sampling_runners) + 1), include_dashboard=False,
-             log_to_driver=False)
+    ray.init(
+        num_cpus=max(cores, max(sampling_runners) + 1), include_dashboard=False, log_to_driver=False
+    )
     ceiling = raw_env_rate(args.env, 5.0 if args.quick else 10.0)
     results = []
     for learn, counts in ((True, runners), (False, sampling_runners)):
@@ -137,14 +156,17 @@ def main() -> None:
     # the same-run baseline of the overlap: 1 runner, sample-then-update in lockstep
     lockstep = None
     if not args.sync:
-        lockstep = run(args.env, runners[0], args.seconds, args.intensity, True, args,
-                       async_sampling=False)
+        lockstep = run(
+            args.env, runners[0], args.seconds, args.intensity, True, args, async_sampling=False
+        )
         print(json.dumps(lockstep), flush=True)
     ray.shutdown()
 
     def eff(rows):
         base = rows[0]["env_steps_per_s"]
-        return {str(r["runners"]): round(r["env_steps_per_s"] / (r["runners"] * base), 3) for r in rows}
+        return {
+            str(r["runners"]): round(r["env_steps_per_s"] / (r["runners"] * base), 3) for r in rows
+        }
 
     e2e = [r for r in results if r["learn"]]
     sampling = [r for r in results if not r["learn"]]
@@ -164,8 +186,9 @@ def main() -> None:
         "scaling_efficiency_sampling_only": eff(sampling),
         "best_env_steps_per_s": best,
         "lockstep_sampling_end_to_end": lockstep,
-        "async_over_lockstep": None if lockstep is None else round(
-            e2e[0]["env_steps_per_s"] / lockstep["env_steps_per_s"], 2),
+        "async_over_lockstep": None
+        if lockstep is None
+        else round(e2e[0]["env_steps_per_s"] / lockstep["env_steps_per_s"], 2),
         "reference_env_steps_per_s": 185.0,
         "ratio_vs_reference": round(best / 185.0, 2),
         "note": "efficiency beyond cores-1 runners is bounded by the cores left for the learner",

@@ -34,8 +34,9 @@ import copy
 import json
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 
@@ -849,12 +850,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Validate cluster definitions offline (Ray's autoscaler schema and "
         "validate_config for `ray up` configs, the fields KubeRay needs for a RayCluster).",
     )
-    parser.add_argument("files", nargs="*",
-                        help=f"cluster YAML files (default: every *.yaml in {HERE})")
-    parser.add_argument("--request", default=None,
-                        help="an RLlib resource request as JSON, e.g. "
-                        "'{\"num_env_runners\": 64, \"num_gpus_per_learner\": 1}': also print "
-                        "whether one trial fits and how many run at once")
+    parser.add_argument(
+        "files", nargs="*", help=f"cluster YAML files (default: every *.yaml in {HERE})"
+    )
+    parser.add_argument(
+        "--request",
+        default=None,
+        help="an RLlib resource request as JSON, e.g. "
+        '\'{"num_env_runners": 64, "num_gpus_per_learner": 1}\': also print '
+        "whether one trial fits and how many run at once",
+    )
     args = parser.parse_args(argv)
     try:
         request = json.loads(args.request) if args.request else None

@@ -5,7 +5,6 @@ Tune (so ``tune.Tuner("CVPO", ...)`` and YAML experiment files find them) and
 every env id that :func:`cvpo.envs.make_env` accepts.
 """
 
-
 from ray.tune.registry import register_trainable  # noqa: E402
 
 import cvpo  # noqa: E402,F401  (drops third-party import banners first)

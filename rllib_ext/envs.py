@@ -9,7 +9,8 @@ Every id that :func:`cvpo.envs.make_env` accepts is registered with
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gymnasium as gym
 from ray.tune.registry import ENV_CREATOR, register_env
@@ -19,10 +20,10 @@ from cvpo import envs as cvpo_envs
 _REGISTERED: set = set()
 
 
-def env_creator(env_id: str) -> Callable[[Dict[str, Any]], gym.Env]:
+def env_creator(env_id: str) -> Callable[[dict[str, Any]], gym.Env]:
     """An RLlib env creator for ``env_id`` (env_config -> make_env kwargs)."""
 
-    def _create(env_config: Dict[str, Any]) -> gym.Env:
+    def _create(env_config: dict[str, Any]) -> gym.Env:
         return cvpo_envs.make_env(env_id, **dict(env_config or {}))
 
     _create.__name__ = f"make_{env_id.replace('/', '_').replace('-', '_')}"
@@ -64,10 +65,10 @@ def register_all() -> int:
 class EnvInfo:
     observation_space: gym.Space
     action_space: gym.Space
-    horizon: Optional[int]
+    horizon: int | None
 
 
-def probe_env(env: Any, env_config: Dict[str, Any], cost_keys: Sequence[str]) -> EnvInfo:
+def probe_env(env: Any, env_config: dict[str, Any], cost_keys: Sequence[str]) -> EnvInfo:
     """Builds the env once to read its spaces and horizon and check its cost keys.
 
     ``env`` is an id string (made by ``make_env``, or a creator registered with

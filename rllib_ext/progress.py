@@ -12,8 +12,9 @@ Used by ``rllib train``, ``make reproduce`` and the sweep scripts.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any
 
 from rllib_ext.common import metrics as M
 
@@ -31,7 +32,7 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
         return str(x)
 
 
-def _finite(x: Any) -> Optional[float]:
+def _finite(x: Any) -> float | None:
     try:
         x = float(x)
     except (TypeError, ValueError):
@@ -39,7 +40,7 @@ def _finite(x: Any) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def _get(result: Dict[str, Any], path: str) -> Any:
+def _get(result: dict[str, Any], path: str) -> Any:
     node: Any = result
     for part in path.split("/"):
         if not isinstance(node, dict) or part not in node:
@@ -48,19 +49,21 @@ def _get(result: Dict[str, Any], path: str) -> Any:
     return node
 
 
-def _limits_text(cfg: Dict[str, Any]) -> Optional[str]:
+def _limits_text(cfg: dict[str, Any]) -> str | None:
     """The configured limits as text ("25", or "cost_hazards 20, cost_vases_contact 5")."""
     from cvpo.constraints import cost_limits, format_limits
 
     if cfg.get("cost_limit") is None:
         return None
     try:
-        return format_limits(cost_limits(cfg["cost_limit"], cfg.get("cost_keys")), cfg.get("cost_keys"))
+        return format_limits(
+            cost_limits(cfg["cost_limit"], cfg.get("cost_keys")), cfg.get("cost_keys")
+        )
     except (TypeError, ValueError):
         return str(cfg["cost_limit"])
 
 
-def env_steps(result: Dict[str, Any]) -> Optional[float]:
+def env_steps(result: dict[str, Any]) -> float | None:
     """Env steps sampled so far (training EnvRunners only)."""
     steps = _get(result, STEPS_COL)
     return _finite(steps if steps is not None else result.get("num_env_steps_sampled_lifetime"))
@@ -83,9 +86,9 @@ class ProgressLine:
     }
 
     def __init__(self) -> None:
-        self.last: Dict[str, float] = {}
+        self.last: dict[str, float] = {}
 
-    def __call__(self, result: Dict[str, Any]) -> str:
+    def __call__(self, result: dict[str, Any]) -> str:
         for name, path in self.KEYS.items():
             value = _finite(_get(result, path))
             if value is not None:
@@ -112,7 +115,7 @@ class ProgressLine:
         return " | ".join(parts)
 
 
-def progress_line(result: Dict[str, Any]) -> str:
+def progress_line(result: dict[str, Any]) -> str:
     """One line for a single result (no memory of earlier iterations)."""
     return ProgressLine()(result)
 
@@ -123,7 +126,7 @@ def progress_callback():
 
     class _Progress(Callback):
         def __init__(self) -> None:
-            self.lines: Dict[str, ProgressLine] = {}
+            self.lines: dict[str, ProgressLine] = {}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             line = self.lines.setdefault(trial.trial_id, ProgressLine())
@@ -136,14 +139,14 @@ def progress_callback():
     return _Progress()
 
 
-def finite_series(xs: Iterable[Any], ys: Iterable[Any]) -> Tuple[List[float], List[float]]:
+def finite_series(xs: Iterable[Any], ys: Iterable[Any]) -> tuple[list[float], list[float]]:
     """The (x, y) pairs whose both values are finite, in order."""
     pairs = [(_finite(x), _finite(y)) for x, y in zip(xs, ys)]
     kept = [(x, y) for x, y in pairs if x is not None and y is not None]
     return [x for x, _ in kept], [y for _, y in kept]
 
 
-def progress_figure(df, title: str, cost_limit: Optional[float]):
+def progress_figure(df, title: str, cost_limit: float | None):
     """Figure of return and cost against env steps (training and evaluation curves)."""
     import matplotlib
 
@@ -162,8 +165,14 @@ def progress_figure(df, title: str, cost_limit: Optional[float]):
         if eval_col in df:
             x, y = finite_series(df[x_col], df[eval_col])
             if x:
-                ax.plot(x, y, color="k" if ax is ax1 else "tab:purple", marker="o", ms=3,
-                        label=f"evaluation, deterministic ({what})")
+                ax.plot(
+                    x,
+                    y,
+                    color="k" if ax is ax1 else "tab:purple",
+                    marker="o",
+                    ms=3,
+                    label=f"evaluation, deterministic ({what})",
+                )
         ax.set_xlabel("env steps")
         ax.set_ylabel(f"mean episode {what}")
         ax.grid(alpha=0.3)
@@ -177,7 +186,7 @@ def progress_figure(df, title: str, cost_limit: Optional[float]):
     return fig
 
 
-def plot_progress(df, out: Path, title: str, cost_limit: Optional[float]) -> Optional[Path]:
+def plot_progress(df, out: Path, title: str, cost_limit: float | None) -> Path | None:
     """PNG of return and cost against env steps, with the cost limit drawn."""
     import matplotlib.pyplot as plt
 

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -44,34 +44,53 @@ README = REPO / "README.md"
 DEFAULT_RESULTS_MD = RESULTS_MD.resolve()
 README_START, README_END = "<!-- results:start", "<!-- results:end -->"
 #: the README's one table: per task and algorithm, mean over seeds
-SUMMARY_COLUMNS = [("final_return", "final return"), ("final_cost", "final cost"),
-                   ("training_cost_rate", "training cost rate")]
+SUMMARY_COLUMNS = [
+    ("final_return", "final return"),
+    ("final_cost", "final cost"),
+    ("training_cost_rate", "training cost rate"),
+]
 NOTES_MD = RESULTS_DIR / "NOTES.md"  # what was tried where a target is missed (prose)
 RUNS_DIR = Path("results") / "reproduce"
 
 #: task -> tuned example file (per algorithm folder) and env-step budget
-TASKS: Dict[str, Dict[str, Any]] = {
+TASKS: dict[str, dict[str, Any]] = {
     "SafetyPointGoal1-v0": {"example": "safety_point_goal1.yaml", "steps": 500_000},
     "SafetyPointButton1-v0": {"example": "safety_point_button1.yaml", "steps": 500_000},
     "SafetyCarGoal1-v0": {"example": "safety_car_goal1.yaml", "steps": 500_000},
-    "SafetyHalfCheetahVelocity-v1": {"example": "safety_half_cheetah_velocity.yaml", "steps": 300_000},
+    "SafetyHalfCheetahVelocity-v1": {
+        "example": "safety_half_cheetah_velocity.yaml",
+        "steps": 300_000,
+    },
     "cvpo/PointHazard-v0": {"example": "point_hazard.yaml", "steps": 30_000},
 }
 #: targets of issue 11: every final deterministic evaluation at cost <= limit, and a return floor
 RETURN_TARGETS = {"SafetyPointGoal1-v0": 20.0, "SafetyPointButton1-v0": 8.0}
 #: placement keys of the tuned examples that reproduce replaces by local ones
-PLACEMENT_KEYS = ("num_env_runners", "num_learners", "num_gpus_per_learner",
-                  "num_cpus_per_env_runner", "num_cpus_for_main_process", "num_cpus_per_learner")
+PLACEMENT_KEYS = (
+    "num_env_runners",
+    "num_learners",
+    "num_gpus_per_learner",
+    "num_cpus_per_env_runner",
+    "num_cpus_for_main_process",
+    "num_cpus_per_learner",
+)
 EVAL_POINTS = 25  # evaluations over the budget (the curve's points)
 EVAL_EPISODES = 5  # per evaluation during training
 FINAL_EPISODES = 20  # deterministic episodes for the final and best-feasible checkpoints
 FINAL_SEED = 100_000  # env seeds of the final evaluation: disjoint from training's
 
 COLUMNS = [
-    ("task", "task"), ("algo", "algorithm"), ("seed", "seed"), ("env_steps", "env steps"),
-    ("minutes", "minutes"), ("final_return", "final return"), ("final_cost", "final cost"),
-    ("best_feasible_return", "best feasible return"), ("best_feasible_cost", "best feasible cost"),
-    ("training_cost_rate", "training cost rate"), ("commit", "commit"),
+    ("task", "task"),
+    ("algo", "algorithm"),
+    ("seed", "seed"),
+    ("env_steps", "env steps"),
+    ("minutes", "minutes"),
+    ("final_return", "final return"),
+    ("final_cost", "final cost"),
+    ("best_feasible_return", "best feasible return"),
+    ("best_feasible_cost", "best feasible cost"),
+    ("training_cost_rate", "training cost rate"),
+    ("commit", "commit"),
 ]
 
 
@@ -79,7 +98,7 @@ def _algo_dir(algo: str) -> Path:
     return REPO / "tuned_examples" / algo.lower().replace("-", "_")
 
 
-def tuned_example(algo: str, task: str) -> Dict[str, Any]:
+def tuned_example(algo: str, task: str) -> dict[str, Any]:
     """(experiment spec) of the tuned example for ``task``."""
     import yaml
 
@@ -88,11 +107,11 @@ def tuned_example(algo: str, task: str) -> Dict[str, Any]:
     path = _algo_dir(algo) / TASKS[task]["example"]
     if not path.is_file():
         raise SystemExit(f"no tuned example {path} for {algo} on {task}")
-    (name, spec), = yaml.safe_load(path.read_text()).items()
+    ((name, spec),) = yaml.safe_load(path.read_text()).items()
     return {"name": name, "file": str(path.relative_to(REPO)), **spec}
 
 
-def local_config(algo: str, task: str, seed: int, steps: int, runners: Optional[int] = None):
+def local_config(algo: str, task: str, seed: int, steps: int, runners: int | None = None):
     """The algorithm config: tuned hyper-parameters, local placement, evaluation on."""
     from ray.tune.registry import get_trainable_cls
 
@@ -119,20 +138,32 @@ def local_config(algo: str, task: str, seed: int, steps: int, runners: Optional[
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                             capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               text=True, capture_output=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def _log_row(result: Dict[str, Any]) -> Dict[str, Any]:
+def _log_row(result: dict[str, Any]) -> dict[str, Any]:
     """The numbers of one iteration worth keeping in the run folder's progress.jsonl."""
     from rllib_ext.common import metrics as M
 
-    row: Dict[str, Any] = {"iteration": result.get("training_iteration"), "time_s": result.get("time_total_s")}
+    row: dict[str, Any] = {
+        "iteration": result.get("training_iteration"),
+        "time_s": result.get("time_total_s"),
+    }
     sections = {
         "train": result.get("env_runners") or {},
         "eval": (result.get(M.EVALUATION_RESULTS) or {}).get("env_runners") or {},
@@ -148,15 +179,21 @@ def _log_row(result: Dict[str, Any]) -> Dict[str, Any]:
     return row
 
 
-def _eval_costs(er: Dict[str, Any]) -> Optional[float]:
+def _eval_costs(er: dict[str, Any]) -> float | None:
     from rllib_ext.common import metrics as M
 
     value = er.get(M.EPISODE_COST_MEAN)
     return None if value is None else float(value)
 
 
-def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
-          runners: Optional[int] = None, out_dir: Optional[Path] = None) -> Dict[str, Any]:
+def train(
+    algo: str,
+    task: str,
+    seed: int,
+    steps: int | None = None,
+    runners: int | None = None,
+    out_dir: Path | None = None,
+) -> dict[str, Any]:
     """Trains, evaluates and returns the record of one run (also written to RESULTS_DIR)."""
     import ray
 
@@ -169,13 +206,15 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
     run_dir = Path(out_dir or RUNS_DIR / task.replace("/", "_") / f"{algo}-seed{seed}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
-    print(f"== reproduce {algo} on {task}, seed {seed}: {steps:,} env steps -> {run_dir}", flush=True)
+    print(
+        f"== reproduce {algo} on {task}, seed {seed}: {steps:,} env steps -> {run_dir}", flush=True
+    )
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
     algorithm = config.build_algo()
     algorithm.best_feasible_path = str(run_dir / "best_feasible")
     line = ProgressLine()
-    curve: List[Dict[str, float]] = []
+    curve: list[dict[str, float]] = []
     interval = config.evaluation_interval
     t0 = time.time()
     log = open(run_dir / "progress.jsonl", "w")
@@ -187,14 +226,21 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
             log.flush()
             n = env_steps(result) or 0.0
             er = result.get("env_runners", {})
-            point = {"env_steps": n, "train_return": er.get(M.EPISODE_RETURN_MEAN),
-                     "train_cost": er.get(M.EPISODE_COST_MEAN)}
+            point = {
+                "env_steps": n,
+                "train_return": er.get(M.EPISODE_RETURN_MEAN),
+                "train_cost": er.get(M.EPISODE_COST_MEAN),
+            }
             if result["training_iteration"] % interval == 0:
                 ev = (result.get(M.EVALUATION_RESULTS) or {}).get("env_runners", {})
                 point["eval_return"] = ev.get(M.EPISODE_RETURN_MEAN)
                 point["eval_cost"] = _eval_costs(ev)
-            curve.append({k: (None if v is None or not np.isfinite(v) else float(v))
-                          for k, v in point.items()})
+            curve.append(
+                {
+                    k: (None if v is None or not np.isfinite(v) else float(v))
+                    for k, v in point.items()
+                }
+            )
             if n >= steps:
                 break
         minutes = (time.time() - t0) / 60.0
@@ -207,32 +253,48 @@ def train(algo: str, task: str, seed: int, steps: Optional[int] = None,
         algorithm.stop()
 
     final = evaluate_checkpoint(final_dir, episodes=FINAL_EPISODES, seed=FINAL_SEED)
-    best = evaluate_checkpoint(best_dir, episodes=FINAL_EPISODES, seed=FINAL_SEED) if best_dir.exists() else None
+    best = (
+        evaluate_checkpoint(best_dir, episodes=FINAL_EPISODES, seed=FINAL_SEED)
+        if best_dir.exists()
+        else None
+    )
     limits = config.cost_limits
     record = {
-        "task": task, "algo": algo, "seed": seed, "env_steps": int(n), "budget": steps,
-        "minutes": round(minutes, 1), "cost_limit": float(sum(limits)),
-        "final_return": final["reward_mean"], "final_cost": final["cost_mean"],
+        "task": task,
+        "algo": algo,
+        "seed": seed,
+        "env_steps": int(n),
+        "budget": steps,
+        "minutes": round(minutes, 1),
+        "cost_limit": float(sum(limits)),
+        "final_return": final["reward_mean"],
+        "final_cost": final["cost_mean"],
         "final_cost_se": final["cost_std"] / math.sqrt(final["episodes"]),
         "best_feasible_return": best["reward_mean"] if best else None,
         "best_feasible_cost": best["cost_mean"] if best else None,
         "training_cumulative_cost": cumulative,
         "training_cost_rate": None if cumulative is None or not n else float(cumulative) / n,
-        "commit": commit, "tuned_example": tuned_example(algo, task)["file"],
-        "env_runners": config.num_env_runners, "cores": os.cpu_count(),
-        "eval_interval_iterations": interval, "curve": curve,
+        "commit": commit,
+        "tuned_example": tuned_example(algo, task)["file"],
+        "env_runners": config.num_env_runners,
+        "cores": os.cpu_count(),
+        "eval_interval_iterations": interval,
+        "curve": curve,
     }
     path = RESULTS_DIR / task.replace("/", "_") / f"{algo}-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"final: return {record['final_return']:.2f} cost {record['final_cost']:.2f}; "
-          f"best feasible: {record['best_feasible_return']} cost {record['best_feasible_cost']}; "
-          f"record {path}", flush=True)
+    print(
+        f"final: return {record['final_return']:.2f} cost {record['final_cost']:.2f}; "
+        f"best feasible: {record['best_feasible_return']} cost {record['best_feasible_cost']}; "
+        f"record {path}",
+        flush=True,
+    )
     return record
 
 
 # -- RESULTS.md and the curves -------------------------------------------------------------
-def load_records(results_dir: Path = RESULTS_DIR) -> List[Dict[str, Any]]:
+def load_records(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
     records = [json.loads(p.read_text()) for p in sorted(results_dir.glob("*/*.json"))]
     return sorted(records, key=lambda r: (r["task"], r["algo"], r["seed"]))
 
@@ -247,23 +309,27 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def target_lines(records: List[Dict[str, Any]]) -> List[str]:
+def target_lines(records: list[dict[str, Any]]) -> list[str]:
     """One line per target: met or missed, with the measured numbers."""
     lines = []
     for r in records:
         ok = r["final_cost"] <= r["cost_limit"]
-        lines.append(f"- {r['algo']} {r['task']} seed {r['seed']}: final cost {r['final_cost']:.2f} "
-                     f"(standard error {r['final_cost_se']:.2f}) vs limit {r['cost_limit']:g}: "
-                     f"**{'met' if ok else 'MISSED'}**")
+        lines.append(
+            f"- {r['algo']} {r['task']} seed {r['seed']}: final cost {r['final_cost']:.2f} "
+            f"(standard error {r['final_cost_se']:.2f}) vs limit {r['cost_limit']:g}: "
+            f"**{'met' if ok else 'MISSED'}**"
+        )
         floor = RETURN_TARGETS.get(r["task"])
         if floor is not None:
             met = r["final_return"] >= floor
-            lines.append(f"- {r['algo']} {r['task']} seed {r['seed']}: final return "
-                         f"{r['final_return']:.2f} vs target {floor:g}: **{'met' if met else 'MISSED'}**")
+            lines.append(
+                f"- {r['algo']} {r['task']} seed {r['seed']}: final return "
+                f"{r['final_return']:.2f} vs target {floor:g}: **{'met' if met else 'MISSED'}**"
+            )
     return lines
 
 
-def curve_png(task: str, records: List[Dict[str, Any]], out: Path) -> Path:
+def curve_png(task: str, records: list[dict[str, Any]], out: Path) -> Path:
     """Evaluation return and cost against env steps: mean over seeds, min-max band, the limit."""
     import matplotlib
 
@@ -298,7 +364,7 @@ def curve_png(task: str, records: List[Dict[str, Any]], out: Path) -> Path:
     return out
 
 
-def _common_grid(runs: List[Dict[str, Any]], key: str):
+def _common_grid(runs: list[dict[str, Any]], key: str):
     """Each run's finite evaluation points, interpolated onto the steps all runs cover."""
     series = []
     for r in runs:
@@ -328,7 +394,7 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
         "training (`none`: no evaluation was feasible). *training cost rate* is the summed cost",
         "of all training episodes divided by the env steps. Reproduce a row with",
         "",
-        "    make reproduce TASK=SafetyPointGoal1-v0 SEEDS=\"0 1 2\"",
+        '    make reproduce TASK=SafetyPointGoal1-v0 SEEDS="0 1 2"',
         "",
         "| " + " | ".join(title for _, title in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -342,24 +408,36 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
     if tasks:
         lines += ["", "## Curves", ""]
     for task in tasks:
-        png = curve_png(task, [r for r in records if r["task"] == task],
-                        results_dir / f"{task.replace('/', '_')}.png")
+        png = curve_png(
+            task,
+            [r for r in records if r["task"] == task],
+            results_dir / f"{task.replace('/', '_')}.png",
+        )
         lines += [f"### {task}", "", f"![{task}]({os.path.relpath(png, out.parent)})", ""]
     notes = results_dir / NOTES_MD.name
     if notes.exists():
         link = os.path.relpath(notes, out.parent)
-        lines += ["", "## Notes", "", f"See [{notes.name}]({link}) for what was tried where a target is missed."]
+        lines += [
+            "",
+            "## Notes",
+            "",
+            f"See [{notes.name}]({link}) for what was tried where a target is missed.",
+        ]
     out.write_text("\n".join(lines).rstrip() + "\n")
     if out.resolve() == DEFAULT_RESULTS_MD:  # the project's own file: also the README's table
         update_readme(records)
     return out
 
 
-def summary_table(records: List[Dict[str, Any]]) -> List[str]:
+def summary_table(records: list[dict[str, Any]]) -> list[str]:
     """Per (task, algorithm): seeds, env steps, and the mean (min..max) of the final numbers."""
-    lines = ["| task | algorithm | seeds | env steps | " + " | ".join(t for _, t in SUMMARY_COLUMNS) + " |",
-             "|" + "---|" * (4 + len(SUMMARY_COLUMNS))]
-    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    lines = [
+        "| task | algorithm | seeds | env steps | "
+        + " | ".join(t for _, t in SUMMARY_COLUMNS)
+        + " |",
+        "|" + "---|" * (4 + len(SUMMARY_COLUMNS)),
+    ]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["algo"]), []).append(r)
     for (task, algo), rs in groups.items():
@@ -371,13 +449,18 @@ def summary_table(records: List[Dict[str, Any]]) -> List[str]:
             elif len(vals) == 1:
                 cells.append(_cell(float(vals[0])))
             else:
-                cells.append(f"{_cell(float(np.mean(vals)))} ({_cell(float(min(vals)))}..{_cell(float(max(vals)))})")
+                cells.append(
+                    f"{_cell(float(np.mean(vals)))} "
+                    f"({_cell(float(min(vals)))}..{_cell(float(max(vals)))})"
+                )
         steps = sorted({r["env_steps"] for r in rs})
-        lines.append(f"| {task} | {algo} | {len(rs)} | {_cell(steps[0])} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {task} | {algo} | {len(rs)} | {_cell(steps[0])} | " + " | ".join(cells) + " |"
+        )
     return lines
 
 
-def update_readme(records: List[Dict[str, Any]], readme: Path = README) -> bool:
+def update_readme(records: list[dict[str, Any]], readme: Path = README) -> bool:
     """Rewrites the README's results block from the records; False if it has none."""
     if not readme.exists():
         return False
@@ -387,13 +470,21 @@ def update_readme(records: List[Dict[str, Any]], readme: Path = README) -> bool:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     body = summary_table(records) if records else ["(no runs recorded yet)"]
-    block = README_START + " (written by make results; do not edit) -->\n" + "\n".join(body) + "\n" + README_END
+    block = (
+        README_START
+        + " (written by make results; do not edit) -->\n"
+        + "\n".join(body)
+        + "\n"
+        + README_END
+    )
     readme.write_text(head + block + tail)
     return True
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rllib_ext.reproduce", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m rllib_ext.reproduce", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--task", help=f"one of: {', '.join(TASKS)}")
     p.add_argument("--seed", type=int, nargs="+", default=[0])
     p.add_argument("--algo", default="CVPO")

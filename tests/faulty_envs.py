@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -54,7 +54,7 @@ class CrashOnceWrapper(gym.Wrapper):
     def __init__(self, env: gym.Env, crash_dir: str, seed: int, worker_index: int, window=(5, 40)):
         super().__init__(env)
         self.marker = Path(crash_dir) / f"runner{worker_index}.crashed"
-        self.crash_at: Optional[int] = None
+        self.crash_at: int | None = None
         if not self.marker.exists():
             lo, hi = int(window[0]), int(window[1])
             self.crash_at = int(np.random.default_rng(seed + worker_index).integers(lo, hi))

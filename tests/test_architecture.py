@@ -167,9 +167,7 @@ def test_the_graph_sees_function_level_imports(import_graph):
 @pytest.mark.parametrize("package", sorted(PACKAGES))
 def test_no_import_cycles(import_graph, package):
     graph, edges, _ = import_graph
-    cycles = [
-        c for c in find_cycles(graph) if any(m.split(".")[0] == package for m in c)
-    ]
+    cycles = [c for c in find_cycles(graph) if any(m.split(".")[0] == package for m in c)]
     assert not cycles, "import cycles:\n" + "\n".join(_describe(c, edges) for c in cycles)
 
 
@@ -197,3 +195,21 @@ def test_cycle_finder_finds_a_planted_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert find_cycles(graph) == [["a", "b", "c"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
+
+
+# -- habits: the style pyproject.toml declares is the style of the code --------------------
+LINT_PATHS = ["src", "rllib_ext", "tests", "benchmarks", "cluster", "tuned_examples"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["check", "format"])
+def test_ruff_passes(command):
+    """``make lint``: ruff's rules (line length 100, pyupgrade, imports) and its format."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    out = subprocess.run([ruff, *command, *LINT_PATHS], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]

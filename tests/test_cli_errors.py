@@ -42,20 +42,44 @@ def test_unknown_env_suggests(capsys):
 
 
 def test_bad_json_config(capsys):
-    code, err = _err(capsys, "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0",
-                     "--config", "{cost_limit: 3}")
+    code, err = _err(
+        capsys,
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        "cvpo/PointHazard-v0",
+        "--config",
+        "{cost_limit: 3}",
+    )
     assert code == 2 and "--config is not valid JSON" in err
 
 
 def test_bad_config_value_names_key(capsys):
-    code, err = _err(capsys, "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0",
-                     "--config", '{"kl_bound": -1}')
+    code, err = _err(
+        capsys,
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        "cvpo/PointHazard-v0",
+        "--config",
+        '{"kl_bound": -1}',
+    )
     assert code == 2 and "`estep_kl`" in err  # kl_bound: the accepted alias of estep_kl
 
 
 def test_unknown_config_key_suggests(capsys):
-    code, err = _err(capsys, "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0",
-                     "--config", '{"cost_limt": 3}')
+    code, err = _err(
+        capsys,
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        "cvpo/PointHazard-v0",
+        "--config",
+        '{"cost_limt": 3}',
+    )
     assert code == 2 and "cost_limit" in err
 
 

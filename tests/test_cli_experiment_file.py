@@ -67,10 +67,22 @@ def _exp(**extra):
 
 
 def test_file_keys_reach_tune(fake_tune, tmp_path):
-    f = _file(tmp_path, {"e1": _exp(num_samples=3, max_concurrent_trials=2, max_failures=4,
-                                    storage_path=str(tmp_path / "res"),
-                                    checkpoint_config={"checkpoint_frequency": 7, "num_to_keep": 2,
-                                                       "checkpoint_at_end": False})})
+    f = _file(
+        tmp_path,
+        {
+            "e1": _exp(
+                num_samples=3,
+                max_concurrent_trials=2,
+                max_failures=4,
+                storage_path=str(tmp_path / "res"),
+                checkpoint_config={
+                    "checkpoint_frequency": 7,
+                    "num_to_keep": 2,
+                    "checkpoint_at_end": False,
+                },
+            )
+        },
+    )
     assert cli.main(["train", "file", f]) == 0
     (t,) = fake_tune.made
     rc = t.run_config
@@ -85,11 +97,28 @@ def test_file_keys_reach_tune(fake_tune, tmp_path):
 
 
 def test_flags_override_the_file(fake_tune, tmp_path):
-    f = _file(tmp_path, {"e1": _exp(num_samples=3, max_failures=4,
-                                    checkpoint_config={"checkpoint_frequency": 7})})
-    argv = ["train", "file", f, "--num-samples", "2", "--max-failures", "1", "--checkpoint-freq", "3",
-            "--no-checkpoint-at-end", "--keep-checkpoints-num", "5", "--stop", '{"training_iteration": 9}',
-            "--storage-path", str(tmp_path / "s")]
+    f = _file(
+        tmp_path,
+        {"e1": _exp(num_samples=3, max_failures=4, checkpoint_config={"checkpoint_frequency": 7})},
+    )
+    argv = [
+        "train",
+        "file",
+        f,
+        "--num-samples",
+        "2",
+        "--max-failures",
+        "1",
+        "--checkpoint-freq",
+        "3",
+        "--no-checkpoint-at-end",
+        "--keep-checkpoints-num",
+        "5",
+        "--stop",
+        '{"training_iteration": 9}',
+        "--storage-path",
+        str(tmp_path / "s"),
+    ]
     assert cli.main(argv) == 0
     rc = fake_tune.made[0].run_config
     assert rc.failure_config.max_failures == 1 and rc.stop == {"training_iteration": 9}
@@ -112,8 +141,12 @@ def test_train_defaults_and_max_failures(fake_tune, tmp_path, monkeypatch):
 
 def test_experiment_name_renames_a_single_experiment(fake_tune, tmp_path):
     f = _file(tmp_path, {"old-name": _exp()})
-    assert cli.main(["train", "file", f, "--experiment-name", "new-name",
-                     "--storage-path", str(tmp_path)]) == 0
+    assert (
+        cli.main(
+            ["train", "file", f, "--experiment-name", "new-name", "--storage-path", str(tmp_path)]
+        )
+        == 0
+    )
     assert fake_tune.made[0].run_config.name == "new-name"
 
 
@@ -121,14 +154,25 @@ def test_experiment_name_refused_for_several_experiments(fake_tune, tmp_path, ca
     f = _file(tmp_path, {"a": _exp(), "b": _exp()})
     assert cli.main(["train", "file", f, "--experiment-name", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rllib train file: error: --experiment-name renames the experiment of a file")
+    assert err.startswith(
+        "rllib train file: error: --experiment-name renames the experiment of a file"
+    )
     assert "has 2 (a, b)" in err
     assert fake_tune.made == []
 
 
 def test_legacy_keys_are_mapped(fake_tune, tmp_path, capsys):
-    f = _file(tmp_path, {"e": _exp(checkpoint_freq=4, checkpoint_at_end=False, keep_checkpoints_num=3,
-                                   local_dir=str(tmp_path / "legacy"))})
+    f = _file(
+        tmp_path,
+        {
+            "e": _exp(
+                checkpoint_freq=4,
+                checkpoint_at_end=False,
+                keep_checkpoints_num=3,
+                local_dir=str(tmp_path / "legacy"),
+            )
+        },
+    )
     assert cli.main(["train", "file", f]) == 0
     rc = fake_tune.made[0].run_config
     assert rc.checkpoint_config.checkpoint_frequency == 4
@@ -136,12 +180,16 @@ def test_legacy_keys_are_mapped(fake_tune, tmp_path, capsys):
     assert rc.checkpoint_config.num_to_keep == 3
     assert rc.storage_path == str(tmp_path / "legacy")
     err = capsys.readouterr().err
-    assert "`checkpoint_freq` is Tune's old name for `checkpoint_config.checkpoint_frequency`" in err
+    assert (
+        "`checkpoint_freq` is Tune's old name for `checkpoint_config.checkpoint_frequency`" in err
+    )
     assert "`local_dir` is Tune's old name for `storage_path`" in err
 
 
 def test_legacy_key_inside_checkpoint_config_is_mapped(fake_tune, tmp_path):
-    f = _file(tmp_path, {"e": _exp(checkpoint_config={"checkpoint_freq": 6, "keep_checkpoints_num": 2})})
+    f = _file(
+        tmp_path, {"e": _exp(checkpoint_config={"checkpoint_freq": 6, "keep_checkpoints_num": 2})}
+    )
     assert cli.main(["train", "file", f]) == 0
     cc = fake_tune.made[0].run_config.checkpoint_config
     assert (cc.checkpoint_frequency, cc.num_to_keep) == (6, 2)
@@ -150,17 +198,29 @@ def test_legacy_key_inside_checkpoint_config_is_mapped(fake_tune, tmp_path):
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        (_exp(stopp={"training_iteration": 1}),
-         "experiment 'e': unknown key 'stopp' (did you mean 'stop'?); supported keys: run, env, config, "
-         "stop, checkpoint_config, num_samples, storage_path, max_concurrent_trials, max_failures"),
-        (_exp(checkpoint_config={"frequency": 3}),
-         "unknown checkpoint_config key 'frequency' (did you mean 'checkpoint_frequency'?); supported keys: "
-         "checkpoint_frequency, checkpoint_at_end, num_to_keep"),
-        (_exp(resources_per_trial={"cpu": 2}), "key 'resources_per_trial' is not supported here: RLlib sizes"),
+        (
+            _exp(stopp={"training_iteration": 1}),
+            "experiment 'e': unknown key 'stopp' (did you mean 'stop'?); supported keys: "
+            "run, env, config, stop, checkpoint_config, num_samples, storage_path, "
+            "max_concurrent_trials, max_failures",
+        ),
+        (
+            _exp(checkpoint_config={"frequency": 3}),
+            "unknown checkpoint_config key 'frequency' (did you mean 'checkpoint_frequency'?); "
+            "supported keys: "
+            "checkpoint_frequency, checkpoint_at_end, num_to_keep",
+        ),
+        (
+            _exp(resources_per_trial={"cpu": 2}),
+            "key 'resources_per_trial' is not supported here: RLlib sizes",
+        ),
         (_exp(name="x"), "key 'name' is not supported here: the experiment's name is its key"),
-        (_exp(checkpoint_freq=2, checkpoint_config={"checkpoint_frequency": 3}),
-         "'checkpoint_freq' (2) and 'checkpoint_config.checkpoint_frequency' (3) set the same thing "
-         "differently; keep only 'checkpoint_config.checkpoint_frequency'"),
+        (
+            _exp(checkpoint_freq=2, checkpoint_config={"checkpoint_frequency": 3}),
+            "'checkpoint_freq' (2) and 'checkpoint_config.checkpoint_frequency' (3) "
+            "set the same thing "
+            "differently; keep only 'checkpoint_config.checkpoint_frequency'",
+        ),
         (_exp(num_samples=0), "`num_samples` must be an integer >= 1, got 0"),
         (_exp(max_failures="3"), "`max_failures` must be an integer >= -1, got '3'"),
         (_exp(stop=[1]), "`stop` must be a mapping, got [1]"),
@@ -178,14 +238,28 @@ def test_unsupported_keys_are_refused(fake_tune, tmp_path, capsys, spec, expecte
 
 def test_resume_flag_restores_an_existing_experiment(fake_tune, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(FakeTuner, "can_restore", classmethod(lambda cls, p: p.endswith("/res/exp")))
-    argv = ["train", "--algo", "CVPO", "--env", P, "--storage-path", "res", "--experiment-name", "exp"]
+    monkeypatch.setattr(
+        FakeTuner, "can_restore", classmethod(lambda cls, p: p.endswith("/res/exp"))
+    )
+    argv = [
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        P,
+        "--storage-path",
+        "res",
+        "--experiment-name",
+        "exp",
+    ]
     assert cli.main(argv + ["--resume"]) == 0
     ((path, trainable, kw),) = fake_tune.restored
     assert path == str(tmp_path / "res" / "exp") and trainable.__name__ == "CVPO"
     assert kw == {"resume_errored": True}
     assert "resuming " + str(tmp_path / "res" / "exp") in capsys.readouterr().out
-    assert cli.main(["train", "--algo", "CVPO", "--env", P, "--storage-path", "res2", "--resume"]) == 0
+    assert (
+        cli.main(["train", "--algo", "CVPO", "--env", P, "--storage-path", "res2", "--resume"]) == 0
+    )
     assert "nothing to resume at" in capsys.readouterr().out and len(fake_tune.restored) == 1
 
 
@@ -258,17 +332,34 @@ class FakeResult:
 
 def test_interrupted_run_says_how_to_resume(fake_tune, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "--algo", "CVPO", "--env", P, "--storage-path", "res", "--experiment-name", "e"]
+    argv = [
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        P,
+        "--storage-path",
+        "res",
+        "--experiment-name",
+        "e",
+    ]
     FakeTuner.results = [FakeResult(tmp_path / "res" / "e" / "t0", done=True)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert f"curves: tensorboard --logdir {tmp_path / 'res' / 'e'}" in out and "interrupted:" not in out
+    assert (
+        f"curves: tensorboard --logdir {tmp_path / 'res' / 'e'}" in out
+        and "interrupted:" not in out
+    )
     # Ctrl-C: Tune saves the state and returns trials that did not reach their stop
     FakeTuner.results = [FakeResult(tmp_path / "res" / "e" / "t0", done=False)]
     assert cli.main(argv) == 130
     out = capsys.readouterr().out
-    assert (f"interrupted: 1 trial(s) did not reach the stop criterion; continue with "
-            f"`rllib resume {tmp_path / 'res' / 'e'}`") in out
-    FakeTuner.results = [FakeResult(tmp_path / "res" / "e" / "t0", done=False, error=RuntimeError("boom"))]
+    assert (
+        f"interrupted: 1 trial(s) did not reach the stop criterion; continue with "
+        f"`rllib resume {tmp_path / 'res' / 'e'}`"
+    ) in out
+    FakeTuner.results = [
+        FakeResult(tmp_path / "res" / "e" / "t0", done=False, error=RuntimeError("boom"))
+    ]
     assert cli.main(argv) == 1
     assert "trial t0 failed: boom" in capsys.readouterr().out

@@ -61,7 +61,10 @@ def test_every_flag_has_help():
             if isinstance(action, argparse._SubParsersAction):
                 continue
             seen += 1
-            assert action.help and action.help != argparse.SUPPRESS, (name, action.option_strings or action.dest)
+            assert action.help and action.help != argparse.SUPPRESS, (
+                name,
+                action.option_strings or action.dest,
+            )
     assert seen > 40
 
 
@@ -69,7 +72,12 @@ def test_rllib_help_prints_no_banner():
     """The installed console script, as a user runs it: nothing but argparse's help."""
     cmd = [str(RLLIB)] if RLLIB.exists() else [sys.executable, "-m", "rllib_ext.cli"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    for argv in (["--help"], ["train", "--help"], ["train", "file", "--help"], ["evaluate", "--help"]):
+    for argv in (
+        ["--help"],
+        ["train", "--help"],
+        ["train", "file", "--help"],
+        ["evaluate", "--help"],
+    ):
         out = subprocess.run([*cmd, *argv], capture_output=True, text=True, timeout=120, env=env)
         assert out.returncode == 0, out.stderr
         assert "Adroit" not in out.stdout + out.stderr
@@ -78,7 +86,10 @@ def test_rllib_help_prints_no_banner():
 
 
 def test_import_prints_no_banner():
-    code = "import rllib_ext, rllib_ext.cli, cvpo.envs; cvpo.envs.make_env('SafetyPointGoal1-v0').close()"
+    code = (
+        "import rllib_ext, rllib_ext.cli, cvpo.envs; "
+        "cvpo.envs.make_env('SafetyPointGoal1-v0').close()"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Adroit" not in out.stdout + out.stderr

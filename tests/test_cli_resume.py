@@ -43,9 +43,21 @@ CONFIG = {
 }
 STOP = 6
 TRAIN = [
-    "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0", "--config", json.dumps(CONFIG),
-    "--stop", json.dumps({"training_iteration": STOP}), "--checkpoint-freq", "1",
-    "--storage-path", "res", "--experiment-name", "kr",
+    "train",
+    "--algo",
+    "CVPO",
+    "--env",
+    "cvpo/PointHazard-v0",
+    "--config",
+    json.dumps(CONFIG),
+    "--stop",
+    json.dumps({"training_iteration": STOP}),
+    "--checkpoint-freq",
+    "1",
+    "--storage-path",
+    "res",
+    "--experiment-name",
+    "kr",
 ]
 ITER = re.compile(r"^iter\s+(\d+) \|")
 
@@ -63,7 +75,9 @@ def _env() -> dict:
 
 def _recorded_checkpoints(work: Path) -> set:
     """Checkpoint indices Tune's experiment state knows of (it stores them pickled, as hex)."""
-    text = "".join(p.read_text(errors="replace") for p in (work / "res" / "kr").glob("experiment_state-*.json"))
+    text = "".join(
+        p.read_text(errors="replace") for p in (work / "res" / "kr").glob("experiment_state-*.json")
+    )
     return {k for k in range(20) if f"checkpoint_{k:06d}".encode().hex() in text}
 
 
@@ -77,8 +91,13 @@ def _run_until(work: Path, argv: list, kill_after: int, timeout: float = 150):
     checkpoint. Returns (iterations printed, checkpoint indices recorded just
     before the kill, checkpoint indices on disk at the kill)."""
     proc = subprocess.Popen(
-        [*_rllib(), *argv], cwd=work, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        [*_rllib(), *argv],
+        cwd=work,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     iters, deadline = [], time.time() + timeout
     try:
@@ -105,8 +124,14 @@ def _run_until(work: Path, argv: list, kill_after: int, timeout: float = 150):
 def resumed(tmp_path_factory):
     work = tmp_path_factory.mktemp("cli_resume")
     first = _run_until(work, TRAIN, kill_after=2)
-    final = subprocess.run([*_rllib(), "resume", "res/kr"], cwd=work, env=_env(),
-                           capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        [*_rllib(), "resume", "res/kr"],
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return work, first, final
 
 
@@ -124,7 +149,9 @@ def test_killed_run_resumes_from_its_checkpoints(resumed):
     with open(trial.parent / "progress.csv") as f:
         rows = f.read().splitlines()[1:]
     assert len(rows) >= STOP  # the rows of every attempt, the last at the stop
-    assert re.search(rf"checkpoint \S+/checkpoint_00000{STOP - 1}", final.stdout), final.stdout[-1500:]
+    assert re.search(rf"checkpoint \S+/checkpoint_00000{STOP - 1}", final.stdout), final.stdout[
+        -1500:
+    ]
 
 
 def test_tensorboard_event_files_are_written(resumed):

@@ -23,7 +23,9 @@ TINY = {
 def rllib(*args, timeout=600):
     out = subprocess.run(
         [sys.executable, "-m", "rllib_ext.cli", *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return out
 
@@ -37,9 +39,19 @@ def _checkpoint_from(stdout: str) -> Path:
 @pytest.mark.slow
 def test_train_then_evaluate(tmp_path):
     out = rllib(
-        "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0",
-        "--config", json.dumps(TINY), "--stop", '{"training_iteration": 2}',
-        "--storage-path", str(tmp_path), "--experiment-name", "cli-test",
+        "train",
+        "--algo",
+        "CVPO",
+        "--env",
+        "cvpo/PointHazard-v0",
+        "--config",
+        json.dumps(TINY),
+        "--stop",
+        '{"training_iteration": 2}',
+        "--storage-path",
+        str(tmp_path),
+        "--experiment-name",
+        "cli-test",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     # one progress line per iteration, with cost vs limit
@@ -64,8 +76,14 @@ def test_train_then_evaluate(tmp_path):
 def test_train_file_with_grid_search(tmp_path):
     cfg = dict(TINY)
     cfg["cost_limit"] = {"grid_search": [2.0, 20.0]}
-    exp = {"cli-file-test": {"run": "CVPO", "env": "cvpo/PointHazard-v0",
-                             "stop": {"training_iteration": 1}, "config": cfg}}
+    exp = {
+        "cli-file-test": {
+            "run": "CVPO",
+            "env": "cvpo/PointHazard-v0",
+            "stop": {"training_iteration": 1},
+            "config": cfg,
+        }
+    }
     f = tmp_path / "exp.yaml"
     import yaml
 
@@ -79,11 +97,24 @@ def test_train_file_with_grid_search(tmp_path):
 
 @pytest.mark.slow
 def test_builtin_ppo_trains_with_cost_metrics(tmp_path):
-    cfg = {"num_env_runners": 0, "train_batch_size_per_learner": 200, "minibatch_size": 100,
-           "num_epochs": 1}
+    cfg = {
+        "num_env_runners": 0,
+        "train_batch_size_per_learner": 200,
+        "minibatch_size": 100,
+        "num_epochs": 1,
+    }
     out = rllib(
-        "train", "--algo", "PPO", "--env", "cvpo/PointHazard-v0", "--config", json.dumps(cfg),
-        "--stop", '{"training_iteration": 1}', "--storage-path", str(tmp_path),
+        "train",
+        "--algo",
+        "PPO",
+        "--env",
+        "cvpo/PointHazard-v0",
+        "--config",
+        json.dumps(cfg),
+        "--stop",
+        '{"training_iteration": 1}',
+        "--storage-path",
+        str(tmp_path),
         "--no-checkpoint-at-end",
     )
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,19 +17,46 @@ pytest.importorskip("wandb")
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {"num_env_runners": 0, "num_steps_sampled_before_learning_starts": 200,
-          "min_sample_timesteps_per_iteration": 200, "actor_hiddens": [32, 32],
-          "critic_hiddens": [32, 32], "train_batch_size_per_learner": 64, "num_sampled_actions": 8}
+CONFIG = {
+    "num_env_runners": 0,
+    "num_steps_sampled_before_learning_starts": 200,
+    "min_sample_timesteps_per_iteration": 200,
+    "actor_hiddens": [32, 32],
+    "critic_hiddens": [32, 32],
+    "train_batch_size_per_learner": 64,
+    "num_sampled_actions": 8,
+}
 
 
 def test_wandb_offline_run_is_logged(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_API_KEY")}
     env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     out = subprocess.run(
-        [sys.executable, "-m", "rllib_ext.cli", "train", "--algo", "CVPO", "--env", "cvpo/PointHazard-v0",
-         "--config", json.dumps(CONFIG), "--stop", '{"training_iteration": 2}', "--no-checkpoint-at-end",
-         "--storage-path", str(tmp_path / "res"), "--experiment-name", "wb", "--wandb-project", "cvpo-test"],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "rllib_ext.cli",
+            "train",
+            "--algo",
+            "CVPO",
+            "--env",
+            "cvpo/PointHazard-v0",
+            "--config",
+            json.dumps(CONFIG),
+            "--stop",
+            '{"training_iteration": 2}',
+            "--no-checkpoint-at-end",
+            "--storage-path",
+            str(tmp_path / "res"),
+            "--experiment-name",
+            "wb",
+            "--wandb-project",
+            "cvpo-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))

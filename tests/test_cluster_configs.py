@@ -63,9 +63,15 @@ def _write(tmp_path: Path, name: str, data) -> Path:
 
 def test_checker_runs_as_a_script_from_the_repository_root():
     """`python cluster/check.py` validates every definition; --request checks capacity."""
+
     def run(*args):
-        return subprocess.run([sys.executable, "cluster/check.py", *args], cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [sys.executable, "cluster/check.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     out = run()
     assert out.returncode == 0, out.stdout + out.stderr

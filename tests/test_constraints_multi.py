@@ -78,8 +78,11 @@ class _CyclicCosts(gym.Wrapper):
 def _make_cyclic(env_config):
     cfg = dict(env_config or {})
     tag = cfg.pop("tag", "default")
-    return _Recorder(_CyclicCosts(make_env(POINT_HAZARD_ID, **cfg)), tag,
-                     ["cost", "cost_hazard", "cost_a", "cost_b"])
+    return _Recorder(
+        _CyclicCosts(make_env(POINT_HAZARD_ID, **cfg)),
+        tag,
+        ["cost", "cost_hazard", "cost_a", "cost_b"],
+    )
 
 
 def _make_recorded(env_config):
@@ -125,9 +128,7 @@ def _total(episodes, key="cost"):
 
 # -- A. cumulative cost --------------------------------------------------------------------
 def test_cumulative_cost_sums_training_episodes_only(envs):
-    cfg = _tiny(
-        CVPOConfig().environment(CYCLIC_ENV, env_config={"tag": "train"}), cost_limit=50.0
-    )
+    cfg = _tiny(CVPOConfig().environment(CYCLIC_ENV, env_config={"tag": "train"}), cost_limit=50.0)
     cfg.keep_best_feasible_checkpoint = False
     # evaluation EnvRunner (local to the driver): 2 episodes per iteration, recorded apart
     cfg.evaluation(
@@ -186,7 +187,9 @@ def test_cumulative_cost_survives_a_checkpoint(envs, tmp_path):
         restored.stop()
     added = _total(envs["ckpt"][before:])
     assert r[M.CUMULATIVE_COST] == pytest.approx(saved + added)
-    assert r[M.COST_RATE] == pytest.approx(r[M.CUMULATIVE_COST] / r["num_env_steps_sampled_lifetime"])
+    assert r[M.COST_RATE] == pytest.approx(
+        r[M.CUMULATIVE_COST] / r["num_env_steps_sampled_lifetime"]
+    )
 
 
 # -- B. several constraints ----------------------------------------------------------------
@@ -236,7 +239,7 @@ def test_two_constraints_each_with_its_own_limit(envs):
 
 def test_tuned_example_with_two_safety_gymnasium_costs_trains(envs):
     experiments = yaml.safe_load(TWO_COSTS_YAML.read_text())
-    (name, spec), = experiments.items()
+    ((name, spec),) = experiments.items()
     assert spec["run"] == "CVPO"
     keys, limit = spec["config"]["cost_keys"], spec["config"]["cost_limit"]
     assert len(keys) == 2 and isinstance(limit, list) and len(set(limit)) == 2
@@ -251,7 +254,10 @@ def test_tuned_example_with_two_safety_gymnasium_costs_trains(envs):
 
     cfg = CVPOConfig().update_from_dict({**spec["config"], "env": RECORDED_ENV})
     cfg.env_config = {
-        "tag": "sg", "env_id": spec["env"], "record_keys": keys, "max_episode_steps": 100,
+        "tag": "sg",
+        "env_id": spec["env"],
+        "record_keys": keys,
+        "max_episode_steps": 100,
     }
     cfg = _tiny(cfg, num_steps_sampled_before_learning_starts=100, training_intensity=0.02)
     assert cfg.cost_keys == keys and cfg.cost_limit == limit
@@ -309,4 +315,3 @@ def test_rates_are_exact_shares_of_the_summed_counts():
     assert M.COST_VIOLATION_RATE not in empty["env_runners"]
     assert empty["env_runners"][M.CUMULATIVE_COST] == 0.0
     assert empty["env_runners"][M.COST_RATE] == 0.0
-

@@ -14,7 +14,10 @@ def learner_state(algo):
 
 
 def module_weights(algo):
-    return {k: v.detach().clone() for k, v in algo.learner_group._learner.module["default_policy"].state_dict().items()}
+    return {
+        k: v.detach().clone()
+        for k, v in algo.learner_group._learner.module["default_policy"].state_dict().items()
+    }
 
 
 def test_training_reports_cost_and_learner_metrics(ray_local, tiny_config):
@@ -31,9 +34,19 @@ def test_training_reports_cost_and_learner_metrics(ray_local, tiny_config):
     assert 0.0 <= er[M.COST_VIOLATION_RATE] <= 1.0
     assert np.isfinite(er[M.EPISODE_RETURN_MEAN])
     pol = r2["learners"]["default_policy"]
-    for key in (M.ETA, M.LAMBDA_PREFIX + "cost", M.KL_MU, M.KL_SIGMA, M.ALPHA_MU, M.ALPHA_SIGMA,
-                M.REWARD_CRITIC_LOSS, M.COST_CRITIC_LOSS, M.Q_MEAN, M.QC_MEAN_PREFIX + "cost",
-                M.ESTEP_SOLVE_TIME_S):
+    for key in (
+        M.ETA,
+        M.LAMBDA_PREFIX + "cost",
+        M.KL_MU,
+        M.KL_SIGMA,
+        M.ALPHA_MU,
+        M.ALPHA_SIGMA,
+        M.REWARD_CRITIC_LOSS,
+        M.COST_CRITIC_LOSS,
+        M.Q_MEAN,
+        M.QC_MEAN_PREFIX + "cost",
+        M.ESTEP_SOLVE_TIME_S,
+    ):
         assert np.isfinite(float(pol[key])), key
     assert float(pol[M.ETA]) > 0
     # the even-spread formula times the measured timing factor and the feedback scale;
@@ -46,8 +59,14 @@ def test_training_reports_cost_and_learner_metrics(ray_local, tiny_config):
     assert thresholds_now[0] == pytest.approx(5.0 * (1 - 0.99**100) / (0.01 * 100) * timing * scale)
     # the learner's metric is the mean over the iteration's updates, during which
     # finished episodes moved the threshold
-    assert 0.5 * thresholds_now[0] <= float(pol[M.STEP_THRESHOLD_PREFIX + "cost"]) <= 2.0 * thresholds_now[0]
-    counts = sum(int(pol[M.ESTEP_STATUS_PREFIX + s]) for s in ("converged", "max_iter", "infeasible"))
+    assert (
+        0.5 * thresholds_now[0]
+        <= float(pol[M.STEP_THRESHOLD_PREFIX + "cost"])
+        <= 2.0 * thresholds_now[0]
+    )
+    counts = sum(
+        int(pol[M.ESTEP_STATUS_PREFIX + s]) for s in ("converged", "max_iter", "infeasible")
+    )
     assert counts > 0
     # updates follow the training intensity: 0.1 per env step after warm-up
     updates = r2[M.CVPO_RESULTS][M.UPDATES_LIFETIME]
@@ -97,7 +116,10 @@ def test_checkpoint_restores_exactly_and_training_continues(ray_local, tmp_path,
         assert restored.training_iteration == 2
         r = restored.train()
         assert r["training_iteration"] == 3
-        assert learner_state(restored)[mid]["counters"]["updates"] > saved_state[mid]["counters"]["updates"]
+        assert (
+            learner_state(restored)[mid]["counters"]["updates"]
+            > saved_state[mid]["counters"]["updates"]
+        )
     finally:
         restored.stop()
 
@@ -125,7 +147,9 @@ class _CountSteps(CostMetricsCallback):
     """Remembers on each EnvRunner how many env steps it sampled."""
 
     def on_sample_end(self, *, env_runner=None, samples=None, **kwargs):
-        env_runner._test_steps = getattr(env_runner, "_test_steps", 0) + sum(len(e) for e in samples)
+        env_runner._test_steps = getattr(env_runner, "_test_steps", 0) + sum(
+            len(e) for e in samples
+        )
 
 
 @pytest.mark.parametrize("async_sampling", [True, False])
@@ -186,7 +210,9 @@ def test_tune_runs_cvpo_by_name(ray_local, tmp_path, tiny_config):
     tuner = tune.Tuner(
         "CVPO",
         param_space=param_space,
-        run_config=tune.RunConfig(stop={"training_iteration": 1}, storage_path=str(tmp_path), verbose=0),
+        run_config=tune.RunConfig(
+            stop={"training_iteration": 1}, storage_path=str(tmp_path), verbose=0
+        ),
     )
     results = tuner.fit()
     assert len(results) == 1 and results[0].error is None

@@ -77,8 +77,14 @@ def check_kkt(result, q, qc, kl_bound, thresholds, lambda_max=LAMBDA_MAX):
     assert kl == pytest.approx(result.kl, abs=1e-9)
     np.testing.assert_allclose(costs, result.expected_costs.numpy(), rtol=1e-9, atol=1e-12)
     active = np.isfinite(thresholds)
-    grad = gradient_at(q, qc[torch.as_tensor(active)], kl_bound, np.asarray(thresholds)[active],
-                       eta, lambdas[active])
+    grad = gradient_at(
+        q,
+        qc[torch.as_tensor(active)],
+        kl_bound,
+        np.asarray(thresholds)[active],
+        eta,
+        lambdas[active],
+    )
     # d g / d eta = epsilon - mean KL: zero where eta is interior, >= 0 at eta_min
     if eta > ETA_MIN * 1.01:
         assert abs(grad[0]) < 1e-6, grad
@@ -137,8 +143,9 @@ def test_newton_matches_cvxpy(seed, B, K, m, regime):
     # model by default, which makes its accuracy depend on the test order (a 1-ulp
     # change in an earlier problem's thresholds turned one solve 'optimal_inaccurate');
     # a cold solve is a function of this problem alone.
-    cvx = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy",
-                     cvxpy_options={"warm_start": False}, **caps)
+    cvx = solve_dual(
+        q, qc, kl_bound, thresholds, solver="cvxpy", cvxpy_options={"warm_start": False}, **caps
+    )
     assert not cvx.fallback and cvx.solver == "cvxpy", cvx.message
     assert newton.status in (STATUS_CONVERGED, STATUS_INFEASIBLE)
     assert newton.status == cvx.status
@@ -151,8 +158,14 @@ def test_newton_matches_cvxpy(seed, B, K, m, regime):
     assert abs(newton.objective - cvx.objective) <= 1e-4 * scale
     assert torch.allclose(newton.weights, cvx.weights, atol=1e-3, rtol=0)
     # The reported objective is g at the returned point.
-    g = dual_g(q, qc, kl_bound, torch.tensor(thresholds, dtype=q.dtype).nan_to_num(posinf=0.0),
-               newton.eta, newton.lambdas).item()
+    g = dual_g(
+        q,
+        qc,
+        kl_bound,
+        torch.tensor(thresholds, dtype=q.dtype).nan_to_num(posinf=0.0),
+        newton.eta,
+        newton.lambdas,
+    ).item()
     assert newton.objective == pytest.approx(g, rel=1e-10, abs=1e-12)
     # Each row of q is a softmax of A / eta.
     advantage = q - torch.einsum("m,mbk->bk", newton.lambdas, qc)
@@ -165,8 +178,9 @@ def make_dual_problem(kind, q, qc, kl_bound, thresholds):
     """The torch or the numpy (host) evaluation of the dual (all constraints active)."""
     if kind == "torch":
         return estep.DualProblem(q, qc, kl_bound, np.asarray(thresholds, dtype=np.float64))
-    return estep_fast.HostDualProblem(q.numpy(), qc.numpy(), kl_bound,
-                                  np.asarray(thresholds, dtype=np.float64))
+    return estep_fast.HostDualProblem(
+        q.numpy(), qc.numpy(), kl_bound, np.asarray(thresholds, dtype=np.float64)
+    )
 
 
 @pytest.mark.parametrize("kind", ["torch", "host"])
@@ -231,7 +245,12 @@ def solve_both_paths(monkeypatch, *args, **kwargs):
 
 def assert_same_result(a, b, rtol=1e-10):
     assert (a.status, a.iterations, a.solver, a.fallback, a.infeasible_constraints) == (
-        b.status, b.iterations, b.solver, b.fallback, b.infeasible_constraints)
+        b.status,
+        b.iterations,
+        b.solver,
+        b.fallback,
+        b.infeasible_constraints,
+    )
     for name in ("eta", "lambdas", "weights", "expected_costs"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and x.shape == y.shape and x.is_contiguous(), name
@@ -241,10 +260,17 @@ def assert_same_result(a, b, rtol=1e-10):
     assert a.kl == pytest.approx(b.kl, rel=rtol, abs=1e-12)
 
 
-HOST_CASES = [(0, 32, 16, 0, "none"), (1, 256, 16, 1, "active"), (2, 256, 32, 1, "active"),
-              (3, 64, 16, 2, "active"), (4, 64, 16, 2, "mixed"), (5, 32, 8, 2, "infeasible"),
-              (6, 16, 64, 1, "inactive"), (7, 8, 4, 1, "active"),
-              (8, 256, 48, 2, "active")]
+HOST_CASES = [
+    (0, 32, 16, 0, "none"),
+    (1, 256, 16, 1, "active"),
+    (2, 256, 32, 1, "active"),
+    (3, 64, 16, 2, "active"),
+    (4, 64, 16, 2, "mixed"),
+    (5, 32, 8, 2, "infeasible"),
+    (6, 16, 64, 1, "inactive"),
+    (7, 8, 4, 1, "active"),
+    (8, 256, 48, 2, "active"),
+]
 
 
 @pytest.mark.parametrize("seed, B, K, m, regime", HOST_CASES)
@@ -260,25 +286,29 @@ def test_cpu_fast_path_matches_torch_path(monkeypatch, seed, B, K, m, regime):
         assert cold.status == STATUS_INFEASIBLE
     # the learner's call: the next (perturbed) batch warm-started from this solution
     noise = torch.tensor(rng.normal(size=q.shape)) * 0.05 * q.std()
-    warm, warm_ref = solve_both_paths(monkeypatch, q + noise, qc, kl_bound, thresholds,
-                                      init=(cold.eta, cold.lambdas), **caps)
+    warm, warm_ref = solve_both_paths(
+        monkeypatch, q + noise, qc, kl_bound, thresholds, init=(cold.eta, cold.lambdas), **caps
+    )
     assert_same_result(warm, warm_ref)
     # float32 inputs: the same solve; the outputs agree to float32 rounding
-    warm32, warm32_ref = solve_both_paths(monkeypatch, (q + noise).float(), qc.float(),
-                                          kl_bound, thresholds, init=cold, **caps)
+    warm32, warm32_ref = solve_both_paths(
+        monkeypatch, (q + noise).float(), qc.float(), kl_bound, thresholds, init=cold, **caps
+    )
     assert warm32.weights.dtype == torch.float32
     assert_same_result(warm32, warm32_ref, rtol=1e-6)
     # dual_objective takes the same path
     assert dual_objective(q, qc, kl_bound, thresholds, float(cold.eta), cold.lambdas) == (
-        pytest.approx(cold.objective, rel=1e-13))
+        pytest.approx(cold.objective, rel=1e-13)
+    )
 
 
 def test_cpu_fast_path_other_dtypes_and_layouts(monkeypatch):
     rng = np.random.default_rng(17)
     q, qc, kl_bound, thresholds = random_problem(rng, 32, 8, 1, "active")
     for dtype in (torch.float16, torch.bfloat16):
-        host, reference = solve_both_paths(monkeypatch, q.to(dtype), qc.to(dtype), kl_bound,
-                                           thresholds)
+        host, reference = solve_both_paths(
+            monkeypatch, q.to(dtype), qc.to(dtype), kl_bound, thresholds
+        )
         assert host.weights.dtype == host.eta.dtype == dtype
         assert_same_result(host, reference, rtol=1e-2)
         assert host.objective == pytest.approx(reference.objective, rel=1e-10)
@@ -313,8 +343,9 @@ def test_small_solve_matches_lapack(n):
             a = a * np.outer(d, d)
         b = rng.normal(size=n)
         x = estep_data.solve_small(a.tolist(), b.tolist())
-        np.testing.assert_allclose(x, np.linalg.solve(a, b), rtol=1e-9,
-                                   atol=1e-12 * np.abs(np.linalg.solve(a, b)).max())
+        np.testing.assert_allclose(
+            x, np.linalg.solve(a, b), rtol=1e-9, atol=1e-12 * np.abs(np.linalg.solve(a, b)).max()
+        )
     with pytest.raises(np.linalg.LinAlgError):
         estep_data.solve_small([[1.0, 2.0], [2.0, 4.0]], [1.0, 1.0])
 
@@ -362,8 +393,9 @@ def test_warm_start_converges_immediately():
     assert warm.iterations <= 1 and pair.iterations <= 1
     assert warm.objective == pytest.approx(cold.objective, rel=1e-12)
     # A perturbed batch (the next update) starts close: few steps.
-    q2 = q + 0.05 * q.std() * torch.randn(q.shape, generator=torch.Generator().manual_seed(0),
-                                            dtype=q.dtype)
+    q2 = q + 0.05 * q.std() * torch.randn(
+        q.shape, generator=torch.Generator().manual_seed(0), dtype=q.dtype
+    )
     assert solve_dual(q2, qc, kl_bound, thresholds, init=cold).iterations <= 4
 
 
@@ -471,11 +503,11 @@ def test_non_finite_inputs_raise(which, bad, dtype):
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
-    args = {"q": torch.randn(8, 4), "qc": torch.rand(1, 8, 4), "kl_bound": 0.1,
-            "thresholds": [0.5]}
+    args = {"q": torch.randn(8, 4), "qc": torch.rand(1, 8, 4), "kl_bound": 0.1, "thresholds": [0.5]}
     args.update(kwargs)
-    solver_kwargs = {k: args.pop(k) for k in ("solver", "lambda_max", "eta_min", "max_iter")
-                     if k in args}
+    solver_kwargs = {
+        k: args.pop(k) for k in ("solver", "lambda_max", "eta_min", "max_iter") if k in args
+    }
     with pytest.raises(ValueError, match=match):
         solve_dual(**args, **solver_kwargs)
 
@@ -496,7 +528,13 @@ def test_cvxpy_model_is_dpp_and_cached():
     assert model.problem.is_dcp(dpp=True)
     assert build_cvxpy_problem(8, 4, 2) is model
     assert {p.name() for p in model.problem.parameters()} == {
-        "Q", "Qc0", "Qc1", "epsilon", "eps", "eta_min", "lambda_max"
+        "Q",
+        "Qc0",
+        "Qc1",
+        "epsilon",
+        "eps",
+        "eta_min",
+        "lambda_max",
     }
 
 
@@ -519,8 +557,9 @@ def test_second_cvxpy_solve_does_not_recompile():
     assert model.solves == 2
     assert model.problem.compilation_time < first_compile
     assert first.status == second.status == STATUS_CONVERGED
-    assert second.objective == pytest.approx(solve_dual(q2, qc2, kl_bound, thresholds).objective,
-                                             rel=1e-6)
+    assert second.objective == pytest.approx(
+        solve_dual(q2, qc2, kl_bound, thresholds).objective, rel=1e-6
+    )
 
 
 @pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
@@ -528,8 +567,15 @@ def test_cvxpy_failure_falls_back_to_newton(caplog):
     rng = np.random.default_rng(8)
     q, qc, kl_bound, thresholds = random_problem(rng, 8, 4, 1, "active")
     with caplog.at_level("WARNING", logger="cvpo.estep"):
-        result = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy", cvxpy_solver="SCS",
-                            cvxpy_options={"max_iters": 2})
+        result = solve_dual(
+            q,
+            qc,
+            kl_bound,
+            thresholds,
+            solver="cvxpy",
+            cvxpy_solver="SCS",
+            cvxpy_options={"max_iters": 2},
+        )
     assert result.fallback and result.solver == "newton"
     assert result.status == "fallback_newton:converged"
     assert result.backend_status != "optimal" and "SCS" in result.message
@@ -569,7 +615,6 @@ def test_cvxpy_without_dpp_solves_the_same_program(monkeypatch):
     assert "without DPP (B*K = 128)" in auto.message
     monkeypatch.setattr(estep_cvxpy, "CVXPY_DPP_MAX_PAIRS", 16 * 8)
     assert solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy").message == ""
-
 
 
 @pytest.mark.parametrize("seed", [0, 1, 4, 9, 10])

@@ -30,8 +30,9 @@ def test_cvxpy_model_value_and_gradient_are_the_literal_g(B, K, m):
     rng = np.random.default_rng(B * K)
     for eta, lambdas in [(0.3, rng.uniform(0.1, 1, m)), (2.5, rng.uniform(1, 10, m))]:
         fix_eta, fix_lambdas = model.eta == eta, model.lambdas == lambdas
-        fixed = cp.Problem(model.problem.objective,
-                           [*model.problem.constraints, fix_eta, fix_lambdas])
+        fixed = cp.Problem(
+            model.problem.objective, [*model.problem.constraints, fix_eta, fix_lambdas]
+        )
         fixed.solve(solver="CLARABEL", **FIXED)
         assert fixed.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE)
         value, gradient, _ = literal(q, qc, kl_bound, thresholds, [eta, *lambdas])
@@ -45,8 +46,14 @@ def test_cvxpy_model_value_and_gradient_are_the_literal_g(B, K, m):
 def test_cvxpy_optimum_is_the_literal_optimum(B, K, m, regime):
     q, qc, kl_bound, thresholds = make_problem(B * K + m, B, K, m, regime)
     x, _, status, message = estep_cvxpy.solve_cvxpy(
-        q.numpy(), qc.numpy(), kl_bound, thresholds, 1e-6, LAMBDA_MAX,
-        solver_options={"warm_start": False, **TIGHT})
+        q.numpy(),
+        qc.numpy(),
+        kl_bound,
+        thresholds,
+        1e-6,
+        LAMBDA_MAX,
+        solver_options={"warm_start": False, **TIGHT},
+    )
     assert x is not None and status == "optimal", message
     model = estep_cvxpy.build_cvxpy_problem(B, K, m)
     value, _, _ = literal(q, qc, kl_bound, thresholds, x)
@@ -62,7 +69,14 @@ def test_cvxpy_optimum_is_the_literal_optimum(B, K, m, regime):
     np.testing.assert_allclose(x[1:], newton.lambdas.numpy(), rtol=1e-5, atol=1e-6)
     if regime == "infeasible":
         assert (x[1:] == LAMBDA_MAX).any()
-    cvx = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy", lambda_max=LAMBDA_MAX,
-                     cvxpy_options={"warm_start": False})
+    cvx = solve_dual(
+        q,
+        qc,
+        kl_bound,
+        thresholds,
+        solver="cvxpy",
+        lambda_max=LAMBDA_MAX,
+        cvxpy_options={"warm_start": False},
+    )
     assert not cvx.fallback and cvx.status == newton.status
     torch.testing.assert_close(cvx.weights, newton.weights, atol=1e-4, rtol=0)

@@ -36,8 +36,11 @@ def literal(q, qc, kl_bound, thresholds, x):
     def g(v):
         return dual_g(q, qc, kl_bound, th, v[0], v[1:])
 
-    return (g(x).item(), torch.autograd.functional.jacobian(g, x).numpy(),
-            torch.autograd.functional.hessian(g, x).numpy())
+    return (
+        g(x).item(),
+        torch.autograd.functional.jacobian(g, x).numpy(),
+        torch.autograd.functional.hessian(g, x).numpy(),
+    )
 
 
 SIZES = [(8, 4, 1), (64, 16, 1), (32, 64, 2), (256, 32, 2), (512, 16, 2)]
@@ -49,8 +52,12 @@ def test_host_evaluation_is_the_literal_g(B, K, m, regime):
     q, qc, kl_bound, thresholds = make_problem(B * K + m, B, K, m, regime)
     problem = estep_fast.HostDualProblem(q.numpy(), qc.numpy(), kl_bound, thresholds)
     rng = np.random.default_rng(B + K)
-    points = [(0.05, rng.uniform(0, 1, m)), (1.3, rng.uniform(0, 5, m)), (40.0, np.zeros(m)),
-              (3.0, np.full(m, LAMBDA_MAX))]
+    points = [
+        (0.05, rng.uniform(0, 1, m)),
+        (1.3, rng.uniform(0, 5, m)),
+        (40.0, np.zeros(m)),
+        (3.0, np.full(m, LAMBDA_MAX)),
+    ]
     for eta, lambdas in points:
         value, gradient, hessian = literal(q, qc, kl_bound, thresholds, [eta, *lambdas])
         evaluation = problem.evaluate(eta, lambdas)
@@ -93,7 +100,8 @@ def test_fast_path_solution_is_the_literal_optimum(monkeypatch, B, K, m, regime)
     assert result.status == ("converged" if regime == "feasible" else "infeasible")
     assert_optimal_for_literal_g(result, q, qc, kl_bound, thresholds)
     torch.testing.assert_close(
-        result.weights, variational_weights(q, qc, result.eta, result.lambdas))
+        result.weights, variational_weights(q, qc, result.eta, result.lambdas)
+    )
     # the torch evaluator reaches the same optimum
     monkeypatch.setattr(estep_fast, "HOST_MAX_PAIRS", 0)
     reference = solve_dual(q, qc, kl_bound, thresholds, lambda_max=LAMBDA_MAX)

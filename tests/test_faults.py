@@ -32,8 +32,14 @@ def test_env_runner_crashes_are_restarted_and_no_iteration_is_lost(ray_local, tm
     # Runner 1 crashes once, at a seeded step in its first 60; runner 2 keeps sampling.
     # (Crashing both works too, but their restart doubles the actor start-up cost:
     # 55-63 s for this test on 2 loaded cores instead of 40-50 s.)
-    cfg.environment(env_config={"crash_dir": str(tmp_path), "crash_seed": 7,
-                                "crash_window": (10, 60), "crash_runners": [1]})
+    cfg.environment(
+        env_config={
+            "crash_dir": str(tmp_path),
+            "crash_seed": 7,
+            "crash_window": (10, 60),
+            "crash_runners": [1],
+        }
+    )
     cfg.env_runners(num_env_runners=2, rollout_fragment_length=25)
     assert cfg.restart_failed_env_runners  # RLlib's default, kept by CVPOConfig
     # RLlib sleeps this long in a failed runner before it exits (default 60 s)
@@ -160,9 +166,7 @@ def build_bare_learner(**training):
     )
     kw.update(training)
     config = (
-        CVPOConfig()
-        .environment(observation_space=obs_space, action_space=act_space)
-        .training(**kw)
+        CVPOConfig().environment(observation_space=obs_space, action_space=act_space).training(**kw)
     )
     config.seed = 0
     spaces = {"__env__": (obs_space, act_space), MID: (obs_space, act_space)}
@@ -187,16 +191,22 @@ def _batch(n=32, seed=0, **override):
 
 
 def _update(learner, batch, minibatch_size=32):
-    return learner.update(batch=batch, minibatch_size=minibatch_size, num_epochs=1,
-                          timesteps={"num_env_steps_sampled_lifetime": 1000})
+    return learner.update(
+        batch=batch,
+        minibatch_size=minibatch_size,
+        num_epochs=1,
+        timesteps={"num_env_steps_sampled_lifetime": 1000},
+    )
 
 
 def _snapshot(learner):
     module = learner.module[MID]
     weights = {k: v.detach().clone() for k, v in module.state_dict().items()}
     optims = {
-        name: {i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-               for i, s in learner.get_optimizer(MID, name).state.items()}
+        name: {
+            i: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+            for i, s in learner.get_optimizer(MID, name).state.items()
+        }
         for name in ("actor", "critic")
     }
     return weights, optims
@@ -211,6 +221,7 @@ def _set_nan(col, idx=3):
         x = x.copy()
         x.reshape(len(x), -1)[idx, 0] = np.nan
         return x
+
     return f
 
 
@@ -220,11 +231,15 @@ def test_nan_batch_skips_update_and_leaves_weights_untouched(column):
     _update(learner, _batch(seed=1))  # a normal first update: optimizer moments exist
     w0, opt0 = _snapshot(learner)
     cvpo0 = learner.get_cvpo_state()[MID]
-    assert any(k.startswith("actor") for k in w0) and any(k.startswith("critic") for k in w0), sorted(w0)
+    assert any(k.startswith("actor") for k in w0) and any(k.startswith("critic") for k in w0), (
+        sorted(w0)
+    )
 
     res = _update(learner, _batch(seed=2, **{column: _set_nan(column)}))
     w1, opt1 = _snapshot(learner)
-    assert _same(w0, w1), [k for k in w0 if not torch.equal(w0[k], w1[k])]  # actor, critics, targets
+    assert _same(w0, w1), [
+        k for k in w0 if not torch.equal(w0[k], w1[k])
+    ]  # actor, critics, targets
     for name in opt0:
         for i in opt0[name]:
             assert _same(opt0[name][i], opt1[name][i]), name
@@ -239,7 +254,9 @@ def test_nan_batch_skips_update_and_leaves_weights_untouched(column):
     res = _update(learner, _batch(seed=3))
     w2, _ = _snapshot(learner)
     changed = [k for k in w1 if not torch.equal(w1[k], w2[k])]
-    assert any(k.startswith("actor") for k in changed) and any(k.startswith("critic") for k in changed)
+    assert any(k.startswith("actor") for k in changed) and any(
+        k.startswith("critic") for k in changed
+    )
     assert _peek(res[MID][M.NUM_SKIPPED_UPDATES]) == 1  # lifetime count, unchanged
     assert learner.get_cvpo_state()[MID]["counters"]["updates"] == cvpo0["counters"]["updates"] + 1
 
@@ -255,8 +272,9 @@ def test_estep_solver_failure_falls_back_and_training_continues(monkeypatch):
         raise cp.error.SolverError("injected solver failure")
 
     monkeypatch.setattr(cp.Problem, "solve", broken_solve)
-    learner = build_bare_learner(estep_solver="cvxpy", train_batch_size_per_learner=16,
-                                 num_sampled_actions=4)
+    learner = build_bare_learner(
+        estep_solver="cvxpy", train_batch_size_per_learner=16, num_sampled_actions=4
+    )
     w0, _ = _snapshot(learner)
     for seed in (1, 2):
         pol = _update(learner, _batch(n=16, seed=seed), minibatch_size=16)[MID]

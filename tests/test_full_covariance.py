@@ -39,11 +39,18 @@ def hazard_config(covariance: str) -> CVPOConfig:
         .environment(POINT_HAZARD_ID)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
         .training(
-            cost_limit=math.inf, gamma=0.95, actor_covariance=covariance,
-            num_sampled_actions=16, num_target_actions=4,
-            actor_hiddens=[64, 64], critic_hiddens=[64, 64],
-            train_batch_size_per_learner=128, num_steps_sampled_before_learning_starts=1000,
-            training_intensity=0.25, updates_per_learner_call=16, learner_torch_threads=1,
+            cost_limit=math.inf,
+            gamma=0.95,
+            actor_covariance=covariance,
+            num_sampled_actions=16,
+            num_target_actions=4,
+            actor_hiddens=[64, 64],
+            critic_hiddens=[64, 64],
+            train_batch_size_per_learner=128,
+            num_steps_sampled_before_learning_starts=1000,
+            training_intensity=0.25,
+            updates_per_learner_call=16,
+            learner_torch_threads=1,
         )
         .debugging(seed=0)
     )
@@ -53,12 +60,14 @@ def hazard_config(covariance: str) -> CVPOConfig:
 def test_full_covariance_actor_trains_and_learns(ray_local):
     """12k env steps without a constraint: the full-covariance actor goes for the goal
     (a random policy returns ~0, the straight path ~54), the M-step moves the
-    off-diagonal entries of its Cholesky factors, and the M-step's KLs stay inside the trust region."""
+    off-diagonal entries of its Cholesky factors, and the M-step's KLs stay inside the
+    trust region."""
     algo = hazard_config("full").build_algo()
     try:
         module = algo.get_module("default_policy")
-        obs = torch.as_tensor(np.random.default_rng(0).normal(size=(32, module.obs_dim)),
-                              dtype=torch.float32)
+        obs = torch.as_tensor(
+            np.random.default_rng(0).normal(size=(32, module.obs_dim)), dtype=torch.float32
+        )
         _, L0 = module.actor(obs)
         assert L0.shape == (32, module.act_dim, module.act_dim)
         for _ in range(12):

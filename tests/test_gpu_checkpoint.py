@@ -102,7 +102,9 @@ def _next_update(path: Path, batch):
         weights = {k: v.detach().clone() for k, v in learner.module[MID].state_dict().items()}
         after = learner.get_cvpo_state()
         moments = {
-            name: {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())}
+            name: {
+                i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(opt.state.values())
+            }
             for name, opt in ((n, learner.get_optimizer(MID, n)) for n in ("critic", "actor"))
         }
     finally:
@@ -181,8 +183,14 @@ def test_gpu_written_checkpoint_restores_on_cpu_and_trains_identically(
     assert after_gpu[MID]["dual"][0] == after_ref[MID]["dual"][0]
     np.testing.assert_array_equal(after_gpu[MID]["dual"][1], after_ref[MID]["dual"][1])
     for k in ("alpha_mu", "alpha_sigma"):
-        np.testing.assert_array_equal(after_gpu[MID]["trust_region"][k], after_ref[MID]["trust_region"][k])
-    assert after_gpu[MID]["counters"] == after_ref[MID]["counters"] == {"updates": updates + 1, "skipped": 0}
+        np.testing.assert_array_equal(
+            after_gpu[MID]["trust_region"][k], after_ref[MID]["trust_region"][k]
+        )
+    assert (
+        after_gpu[MID]["counters"]
+        == after_ref[MID]["counters"]
+        == {"updates": updates + 1, "skipped": 0}
+    )
     np.testing.assert_array_equal(after_gpu["generator"], after_ref["generator"])
     for name in m_ref:
         for i in m_ref[name]:
@@ -218,8 +226,9 @@ def test_set_state_maps_cuda_tensors_to_cpu(cpu_checkpoint):
     src, state, _ = cpu_checkpoint
     plain = torch.tensor([1.0, 2.0])
     array = np.ones(3)
-    mapped = tensors_to_cpu({"a": [torch.tensor([1.0, 2.0]).as_subclass(_ClaimsCuda)],
-                              "b": (plain, array)})
+    mapped = tensors_to_cpu(
+        {"a": [torch.tensor([1.0, 2.0]).as_subclass(_ClaimsCuda)], "b": (plain, array)}
+    )
     assert type(mapped["a"][0]) is torch.Tensor and mapped["a"][0].device.type == "cpu"
     assert torch.equal(mapped["a"][0], plain)
     assert mapped["b"][0] is plain and mapped["b"][1] is array  # CPU / numpy untouched

@@ -69,7 +69,9 @@ def test_constraints_are_independent_and_an_inf_limit_stays_at_zero():
 
 def test_episode_window_and_state_round_trip_continue_exactly():
     def make():
-        return LagrangeMultipliers([5.0, 3.0], pid=(0.1, 0.05, 0.2), init=0.0, episodes_per_update=3)
+        return LagrangeMultipliers(
+            [5.0, 3.0], pid=(0.1, 0.05, 0.2), init=0.0, episodes_per_update=3
+        )
 
     rng = np.random.default_rng(0)
     costs = rng.uniform(0.0, 12.0, size=(11, 2))
@@ -94,9 +96,19 @@ def test_episode_window_and_state_round_trip_continue_exactly():
         LagrangeMultipliers([5.0], pid=(1, 1, 1), init=0.2).set_state(ga.get_state())
 
 
-@pytest.mark.parametrize("bad", [dict(lr=0.0), dict(lr=math.nan), dict(init=0.0), dict(init=-1.0),
-                                 dict(pid=(1.0, -1.0, 0.0)), dict(pid=(1.0, 2.0)),
-                                 dict(episodes_per_update=0), dict(limits=[-1.0])])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(lr=0.0),
+        dict(lr=math.nan),
+        dict(init=0.0),
+        dict(init=-1.0),
+        dict(pid=(1.0, -1.0, 0.0)),
+        dict(pid=(1.0, 2.0)),
+        dict(episodes_per_update=0),
+        dict(limits=[-1.0]),
+    ],
+)
 def test_bad_settings_are_refused(bad):
     kwargs = dict(limits=[5.0], lr=0.1, init=1.0) | bad
     with pytest.raises(ValueError):

@@ -73,8 +73,14 @@ def train_and_evaluate(cost_limit: float, iterations: int) -> dict:
 def detour_return() -> float:
     env = make_env(POINT_HAZARD_ID)
     try:
-        return float(np.mean([run_episode(env, detour_policy, EVAL_SEED + i)["return"]
-                              for i in range(EVAL_EPISODES)]))
+        return float(
+            np.mean(
+                [
+                    run_episode(env, detour_policy, EVAL_SEED + i)["return"]
+                    for i in range(EVAL_EPISODES)
+                ]
+            )
+        )
     finally:
         env.close()
 

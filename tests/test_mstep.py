@@ -54,7 +54,9 @@ def test_decoupled_kl_chol_matches_torch():
     kl_mu, kl_sigma = decoupled_kl_chol(mu_old, L_old, mu, L, reduce=False)
     old = MultivariateNormal(mu_old, scale_tril=L_old)
     torch.testing.assert_close(kl_mu, kl_divergence(old, MultivariateNormal(mu, scale_tril=L_old)))
-    torch.testing.assert_close(kl_sigma, kl_divergence(old, MultivariateNormal(mu_old, scale_tril=L)))
+    torch.testing.assert_close(
+        kl_sigma, kl_divergence(old, MultivariateNormal(mu_old, scale_tril=L))
+    )
     # diagonal factors reduce to the diagonal formula
     std_old, std = torch.rand(2, B, d, generator=g, dtype=torch.float64) + 0.1
     chol = decoupled_kl_chol(mu_old, torch.diag_embed(std_old), mu, torch.diag_embed(std))
@@ -82,10 +84,14 @@ def test_weighted_mle_loss_definition():
     weights = torch.softmax(torch.randn(6, 4, generator=g), dim=1)
     loss = weighted_mle_loss(log_mu, log_sigma, weights)
     # - (1/B) sum_i sum_j q_ij (log pi_mu + log pi_Sigma)
-    expected = -sum(
-        (weights[i, j] * (log_mu[i, j] + log_sigma[i, j])).item()
-        for i in range(6) for j in range(4)
-    ) / 6
+    expected = (
+        -sum(
+            (weights[i, j] * (log_mu[i, j] + log_sigma[i, j])).item()
+            for i in range(6)
+            for j in range(4)
+        )
+        / 6
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ValueError, match="shapes must match"):
         weighted_mle_loss(log_mu, log_sigma, weights[:, :3])
@@ -133,8 +139,9 @@ def run_mstep(trust_region, steps=50, lr=1e-3):
 
 def test_mstep_moves_mean_toward_weighted_mean_within_trust_region(one_thread):
     eps_mu, eps_sigma = 0.01, 1e-3
-    region = TrustRegion(eps_mu, eps_sigma, alpha_lr=100.0, alpha_mu_max=10.0,
-                         alpha_sigma_max=100.0, alpha_init=10.0)
+    region = TrustRegion(
+        eps_mu, eps_sigma, alpha_lr=100.0, alpha_mu_max=10.0, alpha_sigma_max=100.0, alpha_init=10.0
+    )
     mu_old, mu, target, kl_mu, kl_sigma = run_mstep(region)
     before = (mu_old - target).norm(dim=-1).mean()
     after = (mu - target).norm(dim=-1).mean()
@@ -145,8 +152,9 @@ def test_mstep_moves_mean_toward_weighted_mean_within_trust_region(one_thread):
     assert 0.5 * eps_mu < kl_mu < 2.0 * eps_mu
     assert 0.3 * eps_sigma < kl_sigma < 2.0 * eps_sigma
 
-    unconstrained = TrustRegion(eps_mu, eps_sigma, alpha_lr=1.0, alpha_mu_max=0.0,
-                                alpha_sigma_max=0.0)
+    unconstrained = TrustRegion(
+        eps_mu, eps_sigma, alpha_lr=1.0, alpha_mu_max=0.0, alpha_sigma_max=0.0
+    )
     _, mu_free, _, kl_mu_free, kl_sigma_free = run_mstep(unconstrained)
     assert kl_mu_free > 10 * eps_mu and kl_sigma_free > 3 * eps_sigma
     assert (mu_free - target).norm(dim=-1).mean() < after
@@ -157,8 +165,11 @@ def test_mstep_loss_composition_and_gradients():
     region = TrustRegion(0.01, 0.001, 1.0, 1.0, 1.0, alpha_init=0.5)
     mu, std = actor(obs)
     loss, stats = mstep_loss(mu, std, mu_old, std_old, actions, weights, region)
-    mle = weighted_mle_loss(diag_gaussian_log_prob(actions, mu, std_old),
-                            diag_gaussian_log_prob(actions, mu_old, std), weights)
+    mle = weighted_mle_loss(
+        diag_gaussian_log_prob(actions, mu, std_old),
+        diag_gaussian_log_prob(actions, mu_old, std),
+        weights,
+    )
     kl_mu, kl_sigma = decoupled_kl_diag(mu_old, std_old, mu, std)
     expected = mle + 0.5 * (kl_mu - 0.01) + 0.5 * (kl_sigma - 0.001)
     torch.testing.assert_close(loss, expected)
@@ -198,15 +209,23 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="actions"):
         mstep_loss(mu, std, mu_old, std_old, actions[..., :1], weights, region)
     with pytest.raises(ValueError, match="L_old"):
-        decoupled_kl_chol(mu_old, torch.eye(3).expand(4, 3, 3), mu_old, torch.eye(2).expand(4, 2, 2))
+        decoupled_kl_chol(
+            mu_old, torch.eye(3).expand(4, 3, 3), mu_old, torch.eye(2).expand(4, 2, 2)
+        )
 
 
 # --- TrustRegion -------------------------------------------------------------
 
 
 def test_trust_region_update_direction_and_clipping():
-    region = TrustRegion(eps_mu=0.1, eps_sigma=0.01, alpha_lr=2.0, alpha_mu_max=1.0,
-                         alpha_sigma_max=0.5, alpha_init=0.2)
+    region = TrustRegion(
+        eps_mu=0.1,
+        eps_sigma=0.01,
+        alpha_lr=2.0,
+        alpha_mu_max=1.0,
+        alpha_sigma_max=0.5,
+        alpha_init=0.2,
+    )
     region.update(0.15, 0.01)  # KL_mu above its bound: alpha_mu grows by lr * 0.05
     assert region.alpha_mu.item() == pytest.approx(0.3)
     assert region.alpha_sigma.item() == pytest.approx(0.2)  # exactly at the bound: unchanged
@@ -272,8 +291,13 @@ def test_trust_region_state_round_trip():
     ],
 )
 def test_trust_region_validation(kwargs, match):
-    args = {"eps_mu": 0.1, "eps_sigma": 0.01, "alpha_lr": 1.0, "alpha_mu_max": 1.0,
-            "alpha_sigma_max": 1.0}
+    args = {
+        "eps_mu": 0.1,
+        "eps_sigma": 0.01,
+        "alpha_lr": 1.0,
+        "alpha_mu_max": 1.0,
+        "alpha_sigma_max": 1.0,
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         TrustRegion(**args)

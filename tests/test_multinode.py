@@ -75,8 +75,7 @@ def _tiny_config(num_env_runners: int) -> CVPOConfig:
     """The tiny config (conftest) with remote EnvRunners and 100-step iterations."""
     from conftest import make_tiny_config
 
-    cfg = make_tiny_config(num_steps_sampled_before_learning_starts=100,
-                           training_intensity=0.05)
+    cfg = make_tiny_config(num_steps_sampled_before_learning_starts=100, training_intensity=0.05)
     cfg.env_runners(num_env_runners=num_env_runners, rollout_fragment_length=50)
     cfg.min_sample_timesteps_per_iteration = 100
     return cfg
@@ -87,7 +86,9 @@ def _node_id_of_this_process(*_args) -> str:
 
 
 def _runner_nodes(algo) -> list:
-    return algo.env_runner_group.foreach_env_runner(_node_id_of_this_process, local_env_runner=False)
+    return algo.env_runner_group.foreach_env_runner(
+        _node_id_of_this_process, local_env_runner=False
+    )
 
 
 def test_env_runners_spread_over_cpu_nodes_and_learner_on_learner_node(cluster):
@@ -155,8 +156,12 @@ def test_training_survives_the_loss_of_a_worker_node(cluster):
             r = algo.train()
         final_nodes = _runner_nodes(algo)
         for res in (r1, r2, r3, r):
-            print(res["training_iteration"], res["fault_tolerance"],
-                  res["env_runners"]["num_env_steps_sampled_lifetime"], round(res["time_this_iter_s"], 1))
+            print(
+                res["training_iteration"],
+                res["fault_tolerance"],
+                res["env_runners"]["num_env_steps_sampled_lifetime"],
+                round(res["time_this_iter_s"], 1),
+            )
     finally:
         algo.stop()
 

@@ -88,9 +88,9 @@ def test_ensemble_members_are_independent():
     for a in range(4):
         for b in range(a + 1, 4):
             assert not torch.allclose(values[a], values[b], atol=1e-3)
-            corr = torch.corrcoef(torch.stack([
-                ensemble.weights[0][a].flatten(), ensemble.weights[0][b].flatten()
-            ]))[0, 1]
+            corr = torch.corrcoef(
+                torch.stack([ensemble.weights[0][a].flatten(), ensemble.weights[0][b].flatten()])
+            )[0, 1]
             assert abs(corr) < 0.2  # independent draws
     # a gradient step on one member leaves the others unchanged
     before = ensemble(torch.ones(1, OBS), torch.ones(1, ACT)).detach()

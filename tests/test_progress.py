@@ -15,11 +15,17 @@ def _result(it, steps, ret=NAN, cost=NAN, eval_ret=None, eval_cost=None):
         "training_iteration": it,
         "time_total_s": 10.0 * it,
         "config": {"cost_limit": 25.0},
-        "env_runners": {"num_env_steps_sampled_lifetime": steps, "episode_return_mean": ret,
-                        "episode_cost_mean": cost, "cost_violation_rate": NAN if math.isnan(cost) else 0.5},
+        "env_runners": {
+            "num_env_steps_sampled_lifetime": steps,
+            "episode_return_mean": ret,
+            "episode_cost_mean": cost,
+            "cost_violation_rate": NAN if math.isnan(cost) else 0.5,
+        },
     }
     if eval_ret is not None:
-        r["evaluation"] = {"env_runners": {"episode_return_mean": eval_ret, "episode_cost_mean": eval_cost}}
+        r["evaluation"] = {
+            "env_runners": {"episode_return_mean": eval_ret, "episode_cost_mean": eval_cost}
+        }
     return r
 
 
@@ -45,14 +51,16 @@ def _frame():
     cost = [NAN, NAN, NAN, 40.0, NAN, NAN, NAN, 30.0, NAN, NAN, NAN, 20.0]
     ev_r = [NAN] * 5 + [7.0] + [NAN] * 5 + [15.0]
     ev_c = [NAN] * 5 + [10.0] + [NAN] * 5 + [18.0]
-    return pd.DataFrame({
-        "training_iteration": range(1, 13),
-        "env_runners/num_env_steps_sampled_lifetime": steps,
-        "env_runners/episode_return_mean": ret,
-        "env_runners/episode_cost_mean": cost,
-        "evaluation/env_runners/episode_return_mean": ev_r,
-        "evaluation/env_runners/episode_cost_mean": ev_c,
-    })
+    return pd.DataFrame(
+        {
+            "training_iteration": range(1, 13),
+            "env_runners/num_env_steps_sampled_lifetime": steps,
+            "env_runners/episode_return_mean": ret,
+            "env_runners/episode_cost_mean": cost,
+            "evaluation/env_runners/episode_return_mean": ev_r,
+            "evaluation/env_runners/episode_cost_mean": ev_c,
+        }
+    )
 
 
 def test_finite_series_drops_nan_pairs_in_order():

@@ -117,7 +117,9 @@ def test_point_hazard_rendering_changes_nothing_else():
 
 
 def test_point_hazard_render_options():
-    small = make_env("cvpo/PointHazard-v0", render_mode="rgb_array", render_width=96, render_height=64)
+    small = make_env(
+        "cvpo/PointHazard-v0", render_mode="rgb_array", render_width=96, render_height=64
+    )
     small.reset(seed=0)
     assert small.render().shape == (64, 96, 3)
     with pytest.raises(ValueError, match="rgb_array"):
@@ -170,7 +172,9 @@ def test_mp4_without_imageio_ffmpeg_says_what_to_do(tmp_path, monkeypatch):
 
 
 def test_mp4_roundtrip(tmp_path):
-    pytest.importorskip("imageio_ffmpeg", reason="imageio-ffmpeg (optional, for .mp4) not installed")
+    pytest.importorskip(
+        "imageio_ffmpeg", reason="imageio-ffmpeg (optional, for .mp4) not installed"
+    )
     frames = [np.full((64, 64, 3), 40 * i, np.uint8) for i in range(5)]
     path = write_video(frames, str(tmp_path / "episode.mp4"))
     assert os.path.getsize(path) > 0
@@ -229,7 +233,9 @@ def test_no_backend_error_without_mujoco_gl(no_gl):
 
 def test_no_backend_error_names_the_requested_backend(no_gl):
     os.environ["MUJOCO_GL"] = "osmesa"
-    with pytest.raises(RuntimeError, match=r"MUJOCO_GL=osmesa cannot create an OpenGL context") as info:
+    with pytest.raises(
+        RuntimeError, match=r"MUJOCO_GL=osmesa cannot create an OpenGL context"
+    ) as info:
         _render.ensure_offscreen_backend()
     _assert_install_hint(str(info.value))
     os.environ["MUJOCO_GL"] = "bogus"
@@ -272,7 +278,9 @@ def test_safety_viewer_takes_its_size_from_the_model(monkeypatch):
 
     monkeypatch.setattr(mujoco_rendering.OffScreenViewer, "__init__", fake_init)
     monkeypatch.setattr(_render, "ensure_offscreen_backend", lambda: "egl")
-    model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='.1'/></worldbody></mujoco>")
+    model = mujoco.MjModel.from_xml_string(
+        "<mujoco><worldbody><geom size='.1'/></worldbody></mujoco>"
+    )
     model.vis.global_.offwidth, model.vis.global_.offheight = 123, 77
     viewer = underlying.OffScreenViewer(model, mujoco.MjData(model))
     assert seen == {"width": 123, "height": 77, "max_geom": 1000}

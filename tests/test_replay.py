@@ -54,7 +54,9 @@ def test_nstep_sums_match_definition_across_chunks(terminated, cuts):
         h = min(n, T - i)
         assert batch["obs"][t, 0] == i
         assert batch["next_obs"][t, 0] == i + h
-        np.testing.assert_allclose(batch["rewards"][t], discounted_sum(rew[i : i + h], gamma), rtol=1e-6)
+        np.testing.assert_allclose(
+            batch["rewards"][t], discounted_sum(rew[i : i + h], gamma), rtol=1e-6
+        )
         for k in range(2):
             np.testing.assert_allclose(
                 batch["costs"][t, k], discounted_sum(cost[i : i + h, k], gamma), rtol=1e-6
@@ -78,7 +80,9 @@ def test_interleaved_episodes_do_not_mix():
     o2, a2, r2, c2 = _episode(4, m=1, seed=2)
     o2 = o2 + 100
     acc = NStepAccumulator(1, 0.5)
-    b = acc.add(_chunks(o1, a1, r1, c1, [2], False, "a")[:1] + _chunks(o2, a2, r2, c2, [2], False, "b")[:1])
+    b = acc.add(
+        _chunks(o1, a1, r1, c1, [2], False, "a")[:1] + _chunks(o2, a2, r2, c2, [2], False, "b")[:1]
+    )
     assert sorted(b["obs"][:, 0].tolist()) == [0, 1, 100, 101]
     np.testing.assert_array_equal(b["next_obs"][:, 0] - b["obs"][:, 0], 1)
 

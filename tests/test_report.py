@@ -40,8 +40,13 @@ def _trial(root, name, params, returns, costs, steps_per_iter=200, evals=None):
         w = csv.writer(f)
         w.writerow(cols)
         for i, (r, c) in enumerate(zip(returns, costs)):
-            row = [i + 1, (i + 1) * steps_per_iter, "" if r is None else r, "" if c is None else c,
-                   "" if c is None else float(c > limit)]
+            row = [
+                i + 1,
+                (i + 1) * steps_per_iter,
+                "" if r is None else r,
+                "" if c is None else c,
+                "" if c is None else float(c > limit),
+            ]
             if evals:
                 e = evals.get(i + 1)
                 row += ["", ""] if e is None else list(e)
@@ -77,7 +82,9 @@ def test_report_groups_by_limit_with_mean_and_spread(tmp_path):
     assert [int(r["trials"]) for r in csv_rows] == [2, 1]
     md = open(out["markdown"]).read()
     assert "| cost limit | trials | iterations | env steps | reward | cost | violation rate |" in md
-    assert "| 10 | 2 | 4 | 800 | 4.50 (3.50..5.50) | 10.00 (8.50..11.50) | 0.50 (0.00..1.00) |" in md
+    assert (
+        "| 10 | 2 | 4 | 800 | 4.50 (3.50..5.50) | 10.00 (8.50..11.50) | 0.50 (0.00..1.00) |" in md
+    )
     assert "| 50 | 1 | 4 | 800 | 8.00 | 42.50 | 0.00 |" in md
     png = open(out["png"], "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -87,8 +94,14 @@ def test_report_groups_by_every_varying_parameter(tmp_path):
     """lr and a nested env_config value vary too: one group per combination."""
 
     def params(limit, lr, size, seed):
-        return {"cost_limit": limit, "lr": lr, "seed": seed, "env": "x",
-                "env_config": {"size": size, "fixed": 1}, "actor_hiddens": [32, 32]}
+        return {
+            "cost_limit": limit,
+            "lr": lr,
+            "seed": seed,
+            "env": "x",
+            "env_config": {"size": size, "fixed": 1},
+            "actor_hiddens": [32, 32],
+        }
 
     _trial(tmp_path, "a0", params(5.0, 0.01, 2, 0), [1, 2], [3, 4])
     _trial(tmp_path, "a1", params(5.0, 0.01, 2, 1), [3, 4], [5, 6])
@@ -101,10 +114,16 @@ def test_report_groups_by_every_varying_parameter(tmp_path):
     keys, groups = group_trials(trials)
     assert keys == ["env_config/size", "lr"]
     assert [(values, sorted(t["trial"] for t in g)) for values, g in groups] == [
-        ((2, 0.001), ["b0"]), ((2, 0.01), ["a0", "a1"]), ((3, 0.001), ["c0"])]
+        ((2, 0.001), ["b0"]),
+        ((2, 0.01), ["a0", "a1"]),
+        ((3, 0.001), ["c0"]),
+    ]
     rows = summarize(trials, last_n=1)
     assert [(r["env_config/size"], r["lr"], r["trials"]) for r in rows] == [
-        (2, 0.001, 1), (2, 0.01, 2), (3, 0.001, 1)]
+        (2, 0.001, 1),
+        (2, 0.01, 2),
+        (3, 0.001, 1),
+    ]
     assert rows[1]["reward_mean"] == pytest.approx(3.0)  # last values 2 and 4
     assert (rows[1]["reward_min"], rows[1]["reward_max"]) == (2.0, 4.0)
     assert "cost_limit" not in rows[0]  # the same in every trial
@@ -118,10 +137,20 @@ def test_report_plots_env_steps_with_finite_points_only(tmp_path):
     """Episodes end every few iterations: NaN gaps must not blank the curves."""
     nan = None
     # seed 0 and 1 of one config: episode metrics on iterations 2, 4, 6 only
-    _trial(tmp_path, "s0", {"cost_limit": 5.0, "seed": 0},
-           [nan, 1.0, nan, 3.0, nan, 5.0], [nan, 10.0, nan, 8.0, nan, 6.0])
-    _trial(tmp_path, "s1", {"cost_limit": 5.0, "seed": 1},
-           [nan, 3.0, nan, 5.0, nan, 7.0], [nan, 12.0, nan, 6.0, nan, 4.0])
+    _trial(
+        tmp_path,
+        "s0",
+        {"cost_limit": 5.0, "seed": 0},
+        [nan, 1.0, nan, 3.0, nan, 5.0],
+        [nan, 10.0, nan, 8.0, nan, 6.0],
+    )
+    _trial(
+        tmp_path,
+        "s1",
+        {"cost_limit": 5.0, "seed": 1},
+        [nan, 3.0, nan, 5.0, nan, 7.0],
+        [nan, 12.0, nan, 6.0, nan, 4.0],
+    )
     # another config with a single finite point
     _trial(tmp_path, "t0", {"cost_limit": 20.0, "seed": 0}, [nan, nan, 2.0], [nan, nan, 30.0])
     trials = read_trials(tmp_path)
@@ -145,8 +174,11 @@ def test_report_plots_env_steps_with_finite_points_only(tmp_path):
         verts = band.get_paths()[0].vertices
         at400 = verts[np.isclose(verts[:, 0], 400.0), 1]
         assert sorted(set(at400.round(6))) == [1.0, 3.0]
-        cost_means = [np.asarray(ln.get_ydata(), float).tolist() for ln in ax_cost.get_lines()
-                      if len(ln.get_xdata()) == 3]
+        cost_means = [
+            np.asarray(ln.get_ydata(), float).tolist()
+            for ln in ax_cost.get_lines()
+            if len(ln.get_xdata()) == 3
+        ]
         assert cost_means == [[11.0, 7.0, 5.0]]
     finally:
         import matplotlib.pyplot as plt
@@ -158,12 +190,30 @@ def test_report_plots_env_steps_with_finite_points_only(tmp_path):
 
 
 def test_report_shows_final_evaluation(tmp_path):
-    _trial(tmp_path, "e0", {"cost_limit": 5.0, "seed": 0}, [1, 2, 3, 4], [9, 8, 7, 6],
-           evals={2: (10.0, 3.0), 4: (12.0, 2.0)})
-    _trial(tmp_path, "e1", {"cost_limit": 5.0, "seed": 1}, [1, 2, 3, 4], [9, 8, 7, 6],
-           evals={2: (11.0, 4.0), 4: (16.0, 6.0)})
-    _trial(tmp_path, "f0", {"cost_limit": 9.0, "seed": 0}, [1, 2, 3, 4], [9, 8, 7, 6],
-           evals={3: (20.0, 1.0)})
+    _trial(
+        tmp_path,
+        "e0",
+        {"cost_limit": 5.0, "seed": 0},
+        [1, 2, 3, 4],
+        [9, 8, 7, 6],
+        evals={2: (10.0, 3.0), 4: (12.0, 2.0)},
+    )
+    _trial(
+        tmp_path,
+        "e1",
+        {"cost_limit": 5.0, "seed": 1},
+        [1, 2, 3, 4],
+        [9, 8, 7, 6],
+        evals={2: (11.0, 4.0), 4: (16.0, 6.0)},
+    )
+    _trial(
+        tmp_path,
+        "f0",
+        {"cost_limit": 9.0, "seed": 0},
+        [1, 2, 3, 4],
+        [9, 8, 7, 6],
+        evals={3: (20.0, 1.0)},
+    )
     rows = summarize(read_trials(tmp_path), last_n=1)
     assert rows[0]["eval_return_mean"] == pytest.approx(14.0)
     assert (rows[0]["eval_return_min"], rows[0]["eval_return_max"]) == (12.0, 16.0)
@@ -202,7 +252,12 @@ def test_episode_metrics_that_appear_after_the_first_iteration_are_read(tmp_path
     with open(trial / "progress.csv", "w", newline="") as f:  # what Tune writes: no episode columns
         w = csv.writer(f)
         w.writerow(["training_iteration", "env_runners/num_env_steps_sampled_lifetime"])
-        w.writerows([[r["training_iteration"], r["env_runners"]["num_env_steps_sampled_lifetime"]] for r in results])
+        w.writerows(
+            [
+                [r["training_iteration"], r["env_runners"]["num_env_steps_sampled_lifetime"]]
+                for r in results
+            ]
+        )
     (t,) = read_trials(tmp_path / "exp")
     assert np.isfinite(t["return"]).sum() == 2
     assert t["return"][np.isfinite(t["return"])].tolist() == [4.0, 8.0]

@@ -17,8 +17,18 @@ def results_dir(tmp_path, monkeypatch):
 def test_local_config_keeps_the_tuned_hyperparameters_and_replaces_placement():
     cfg = reproduce.local_config("CVPO", "SafetyPointGoal1-v0", seed=3, steps=500_000, runners=1)
     assert cfg.env == "SafetyPointGoal1-v0"
-    assert (cfg.cost_limit, cfg.gamma, cfg.n_step, cfg.num_envs_per_env_runner) == (25.0, 0.99, 3, 4)
-    assert (cfg.num_env_runners, cfg.num_learners, cfg.num_gpus_per_learner, cfg.seed) == (1, 0, 0, 3)
+    assert (cfg.cost_limit, cfg.gamma, cfg.n_step, cfg.num_envs_per_env_runner) == (
+        25.0,
+        0.99,
+        3,
+        4,
+    )
+    assert (cfg.num_env_runners, cfg.num_learners, cfg.num_gpus_per_learner, cfg.seed) == (
+        1,
+        0,
+        0,
+        3,
+    )
     assert cfg.evaluation_interval == 20  # 500k steps / (25 points x 1000 steps per iteration)
     assert cfg.evaluation_config["explore"] is False
     assert cfg.evaluation_duration == reproduce.EVAL_EPISODES
@@ -31,20 +41,25 @@ def test_unknown_task_is_refused_with_the_list():
 
 @pytest.mark.slow
 def test_a_short_run_records_a_row_and_curves(ray_local, results_dir, tmp_path):
-    record = reproduce.train("CVPO", "cvpo/PointHazard-v0", seed=0, steps=3000, runners=0,
-                             out_dir=tmp_path / "run")
+    record = reproduce.train(
+        "CVPO", "cvpo/PointHazard-v0", seed=0, steps=3000, runners=0, out_dir=tmp_path / "run"
+    )
     assert record["env_steps"] >= 3000 and record["budget"] == 3000
     assert record["cost_limit"] == 5.0
     saved = json.loads((results_dir / "cvpo_PointHazard-v0" / "CVPO-seed0.json").read_text())
     assert saved["final_return"] == record["final_return"]
     evals = [p for p in saved["curve"] if p.get("eval_return") is not None]
     assert len(evals) == len(saved["curve"])  # 3000 steps -> evaluation every iteration
-    assert [p["env_steps"] for p in saved["curve"]] == sorted(p["env_steps"] for p in saved["curve"])
+    assert [p["env_steps"] for p in saved["curve"]] == sorted(
+        p["env_steps"] for p in saved["curve"]
+    )
     # best feasible: present iff some evaluation met the limit
     feasible = any(p["eval_cost"] <= 5.0 for p in evals)
     assert (saved["best_feasible_return"] is not None) == feasible
     assert (tmp_path / "run" / "final").is_dir()
-    assert saved["training_cost_rate"] == pytest.approx(saved["training_cumulative_cost"] / saved["env_steps"])
+    assert saved["training_cost_rate"] == pytest.approx(
+        saved["training_cumulative_cost"] / saved["env_steps"]
+    )
 
     md = reproduce.write_results(results_dir, tmp_path / "RESULTS.md")
     text = md.read_text()
@@ -57,12 +72,26 @@ def test_a_short_run_records_a_row_and_curves(ray_local, results_dir, tmp_path):
 
 
 def test_results_table_and_targets_from_records(results_dir, tmp_path):
-    curve = [{"env_steps": 1000.0 * i, "eval_return": float(i), "eval_cost": 30.0 - i} for i in (1, 2, 3)]
+    curve = [
+        {"env_steps": 1000.0 * i, "eval_return": float(i), "eval_cost": 30.0 - i} for i in (1, 2, 3)
+    ]
     for seed, (ret, cost) in enumerate([(21.0, 24.0), (19.0, 26.5)]):
-        rec = {"task": "SafetyPointGoal1-v0", "algo": "CVPO", "seed": seed, "env_steps": 3000,
-               "minutes": 1.5, "cost_limit": 25.0, "final_return": ret, "final_cost": cost,
-               "final_cost_se": 1.0, "best_feasible_return": None, "best_feasible_cost": None,
-               "training_cost_rate": 0.02, "commit": "abc", "curve": curve}
+        rec = {
+            "task": "SafetyPointGoal1-v0",
+            "algo": "CVPO",
+            "seed": seed,
+            "env_steps": 3000,
+            "minutes": 1.5,
+            "cost_limit": 25.0,
+            "final_return": ret,
+            "final_cost": cost,
+            "final_cost_se": 1.0,
+            "best_feasible_return": None,
+            "best_feasible_cost": None,
+            "training_cost_rate": 0.02,
+            "commit": "abc",
+            "curve": curve,
+        }
         (results_dir / "SafetyPointGoal1-v0").mkdir(parents=True, exist_ok=True)
         (results_dir / "SafetyPointGoal1-v0" / f"CVPO-seed{seed}.json").write_text(json.dumps(rec))
     text = reproduce.write_results(results_dir, tmp_path / "RESULTS.md").read_text()
@@ -77,10 +106,23 @@ def test_results_table_and_targets_from_records(results_dir, tmp_path):
 def test_readme_block_is_rewritten_from_the_records(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start (old) -->\nstale\n<!-- results:end -->\nafter\n")
-    recs = [{"task": "T", "algo": "CVPO", "seed": s, "env_steps": 500_000, "final_return": r,
-             "final_cost": c, "training_cost_rate": 0.01} for s, (r, c) in enumerate([(20.0, 24.0), (22.0, 20.0)])]
+    recs = [
+        {
+            "task": "T",
+            "algo": "CVPO",
+            "seed": s,
+            "env_steps": 500_000,
+            "final_return": r,
+            "final_cost": c,
+            "training_cost_rate": 0.01,
+        }
+        for s, (r, c) in enumerate([(20.0, 24.0), (22.0, 20.0)])
+    ]
     assert reproduce.update_readme(recs, readme)
     text = readme.read_text()
     assert "stale" not in text and text.startswith("intro\n") and text.endswith("after\n")
-    assert "| T | CVPO | 2 | 500,000 | 21.00 (20.00..22.00) | 22.00 (20.00..24.00) | 0.0100 (0.0100..0.0100) |" in text
+    assert (
+        "| T | CVPO | 2 | 500,000 | 21.00 (20.00..22.00) | 22.00 (20.00..24.00) "
+        "| 0.0100 (0.0100..0.0100) |" in text
+    )
     assert not reproduce.update_readme(recs, tmp_path / "missing.md")

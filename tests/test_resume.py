@@ -82,7 +82,9 @@ def assert_bit_identical(a, b, where="state"):
             assert_bit_identical(x, y, f"{where}[{i}]")
     elif isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        )
         assert a.tobytes() == b.tobytes(), f"{where}: values differ"
     else:
         assert type(a) is type(b) and a == b, f"{where}: {a!r} vs {b!r}"
@@ -98,7 +100,11 @@ def _subprocess_env() -> dict:
 def _run_helper(*args, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(Path(__file__)), *args],
-        cwd=str(REPO), env=_subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=str(REPO),
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -162,7 +168,10 @@ def test_tune_restores_sigkilled_experiment(ray_local, tmp_path):
     exp_dir = tmp_path / name
     proc = subprocess.Popen(
         [sys.executable, str(Path(__file__)), "tune", str(tmp_path), name, str(stop)],
-        cwd=str(REPO), env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=str(REPO),
+        env=_subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: SIGKILL reaches its local Ray too
     )
     deadline = time.time() + 150
@@ -173,8 +182,9 @@ def test_tune_restores_sigkilled_experiment(ray_local, tmp_path):
             if trial is not None and (trial / "checkpoint_000001").is_dir():
                 break
             time.sleep(0.2)
-        assert proc.poll() is None, "the Tune run ended before it was killed:\n" + (
-            proc.stdout.read().decode(errors="replace")[-3000:]
+        assert proc.poll() is None, (
+            "the Tune run ended before it was killed:\n"
+            + (proc.stdout.read().decode(errors="replace")[-3000:])
         )
         assert time.time() < deadline, "no checkpoint appeared in time"
     finally:
@@ -193,7 +203,9 @@ def test_tune_restores_sigkilled_experiment(ray_local, tmp_path):
     m = res.metrics
     assert m["training_iteration"] == stop
     # resumed from a checkpoint, not restarted from scratch
-    assert 0 < m["iterations_since_restore"] < m["training_iteration"], m["iterations_since_restore"]
+    assert 0 < m["iterations_since_restore"] < m["training_iteration"], m[
+        "iterations_since_restore"
+    ]
     df = res.metrics_dataframe
     assert df["training_iteration"].max() == stop
 

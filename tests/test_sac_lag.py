@@ -25,19 +25,22 @@ def small_config(**training):
     return make_tiny_config("SACLag", **training)
 
 
-# -- config ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key,value,fragment", [
-    ("lagrangian_pid", (1.0, -1.0, 0.0), "three gains"),
-    ("lagrangian_pid", [1.0, 2.0], "three gains"),
-    ("lagrangian_lr", 0.0, "> 0"),
-    ("lagrangian_init", 0.0, "> 0"),
-    ("lagrangian_update_episodes", 1.5, "an integer"),
-    ("lagrangian_normalize_actor_loss", "yes", "True or False"),
-    ("initial_alpha", -0.1, "> 0"),
-    ("target_entropy", "high", "'auto'"),
-    ("tau", 2.0, "<= 1.0"),
-    ("cost_critic_reduction", "min", "'mean' or 'max'"),
-])
+# -- config ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("lagrangian_pid", (1.0, -1.0, 0.0), "three gains"),
+        ("lagrangian_pid", [1.0, 2.0], "three gains"),
+        ("lagrangian_lr", 0.0, "> 0"),
+        ("lagrangian_init", 0.0, "> 0"),
+        ("lagrangian_update_episodes", 1.5, "an integer"),
+        ("lagrangian_normalize_actor_loss", "yes", "True or False"),
+        ("initial_alpha", -0.1, "> 0"),
+        ("target_entropy", "high", "'auto'"),
+        ("tau", 2.0, "<= 1.0"),
+        ("cost_critic_reduction", "min", "'mean' or 'max'"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, fragment):
     cfg = small_config(**{key: value})
     with pytest.raises(SACLagConfigError) as info:
@@ -57,10 +60,12 @@ def test_config_defaults_and_multiplier_setup():
     assert SACLagConfig().tau == 0.005 and SACLagConfig().target_entropy == "auto"
 
 
-# -- training, metrics, evaluation ---------------------------------------------------------------
+# -- training, metrics, evaluation -----------------------------------------------------------------
 def test_training_reports_metrics_pushes_multiplier_and_keeps_best_feasible(ray_local, tmp_path):
     cfg = small_config(cost_limit=1000.0)  # every evaluation is feasible
-    cfg.evaluation(evaluation_interval=2, evaluation_duration=2, evaluation_duration_unit="episodes")
+    cfg.evaluation(
+        evaluation_interval=2, evaluation_duration=2, evaluation_duration_unit="episodes"
+    )
     algo = cfg.build_algo()
     algo.best_feasible_path = str(tmp_path / "best")
     try:
@@ -80,9 +85,17 @@ def test_training_reports_metrics_pushes_multiplier_and_keeps_best_feasible(ray_
     assert er[M.EPISODE_COST_MEAN] >= 0 and np.isfinite(er[M.EPISODE_RETURN_MEAN])
     assert er[M.COST_VIOLATION_RATE] == 0.0  # limit 1000
     pol = r["learners"][MID]
-    for key in (M.REWARD_CRITIC_LOSS, M.COST_CRITIC_LOSS, M.Q_MEAN, M.QC_MEAN_PREFIX + "cost",
-                M.ACTOR_LOSS, M.ENTROPY_ALPHA, M.ENTROPY_ALPHA_LOSS, M.POLICY_ENTROPY,
-                M.LAGRANGE_MULTIPLIER_PREFIX + "cost"):
+    for key in (
+        M.REWARD_CRITIC_LOSS,
+        M.COST_CRITIC_LOSS,
+        M.Q_MEAN,
+        M.QC_MEAN_PREFIX + "cost",
+        M.ACTOR_LOSS,
+        M.ENTROPY_ALPHA,
+        M.ENTROPY_ALPHA_LOSS,
+        M.POLICY_ENTROPY,
+        M.LAGRANGE_MULTIPLIER_PREFIX + "cost",
+    ):
         assert np.isfinite(float(pol[key])), key
     assert pol[M.NUM_SKIPPED_UPDATES] == 0 and pol[M.ENTROPY_ALPHA] > 0
     cv = r[M.CVPO_RESULTS]
@@ -118,8 +131,9 @@ def _state(algo) -> dict:
     learner = algo.learner_group._learner
     return {
         "module": _np(dict(learner.module[MID].state_dict())),
-        "optimizers": {n: _np(learner.get_optimizer(MID, n).state_dict())
-                       for n in ("critic", "actor", "alpha")},
+        "optimizers": {
+            n: _np(learner.get_optimizer(MID, n).state_dict()) for n in ("critic", "actor", "alpha")
+        },
         "learner": _np(learner.get_saclag_state()),
         "lagrange": algo._lagrange.get_state(),
         "replay_rng": algo._replay.get_state()["rng"],
@@ -136,8 +150,12 @@ def _continue(algo, steps: int = 3) -> dict:
         algo._lagrange.add_episodes(np.array([[3.0 + 4.0 * i]]))
         algo._push_multipliers()
         batch = MultiAgentBatch({MID: SampleBatch(algo._replay.sample(B))}, env_steps=B)
-        algo.learner_group.update(batch=batch, minibatch_size=B, num_epochs=1,
-                                  timesteps={"num_env_steps_sampled_lifetime": 1})
+        algo.learner_group.update(
+            batch=batch,
+            minibatch_size=B,
+            num_epochs=1,
+            timesteps={"num_env_steps_sampled_lifetime": 1},
+        )
     return _state(algo)
 
 
@@ -169,19 +187,38 @@ def test_checkpoint_restore_is_bit_exact_and_updates_continue_identically(ray_lo
         restored.stop()
     # the continuation really moved things (the comparison is not vacuous)
     assert continued["lagrange"]["num_updates"] == saved["lagrange"]["num_updates"] + 3
-    assert not np.array_equal(continued["module"]["actor.mean_head.weight"],
-                              saved["module"]["actor.mean_head.weight"])
+    assert not np.array_equal(
+        continued["module"]["actor.mean_head.weight"], saved["module"]["actor.mean_head.weight"]
+    )
 
 
-# -- command line ------------------------------------------------------------------------------------
+# -- command line ----------------------------------------------------------------------------------
 def test_rllib_train_evaluate_report(ray_local, tmp_path, capsys, tiny_training):
     from rllib_ext import cli
 
-    config = tiny_training | {"min_sample_timesteps_per_iteration": 300, "num_env_runners": 0,
-                           "evaluation_interval": 1, "evaluation_duration": 2}
-    code = cli.main(["train", "--algo", "SACLag", "--env", POINT_HAZARD_ID,
-                     "--config", json.dumps(config), "--stop", '{"training_iteration": 1}',
-                     "--storage-path", str(tmp_path), "--experiment-name", "saclag-cli"])
+    config = tiny_training | {
+        "min_sample_timesteps_per_iteration": 300,
+        "num_env_runners": 0,
+        "evaluation_interval": 1,
+        "evaluation_duration": 2,
+    }
+    code = cli.main(
+        [
+            "train",
+            "--algo",
+            "SACLag",
+            "--env",
+            POINT_HAZARD_ID,
+            "--config",
+            json.dumps(config),
+            "--stop",
+            '{"training_iteration": 1}',
+            "--storage-path",
+            str(tmp_path),
+            "--experiment-name",
+            "saclag-cli",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     assert re.search(r"iter +1 .*\| cost \d+\.\d+ \(limit 5(\.0)?\).*eval return", out), out
@@ -192,12 +229,24 @@ def test_rllib_train_evaluate_report(ray_local, tmp_path, capsys, tiny_training)
     assert cli.main(["report", str(tmp_path / "saclag-cli"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").read_text().count("|") > 4
     assert cli.resolve_algorithm("SACLag") is SACLag
-    assert cli.main(["train", "--algo", "SACLag", "--env", POINT_HAZARD_ID,
-                     "--config", '{"lagrangian_lr": -1}']) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--algo",
+                "SACLag",
+                "--env",
+                POINT_HAZARD_ID,
+                "--config",
+                '{"lagrangian_lr": -1}',
+            ]
+        )
+        == 2
+    )
     assert "SACLagConfig: `lagrangian_lr`=-1" in capsys.readouterr().err
 
 
-# -- learning ---------------------------------------------------------------------------------------
+# -- learning --------------------------------------------------------------------------------------
 LEARN = dict(
     gamma=0.95,
     actor_hiddens=[64, 64],
@@ -284,7 +333,7 @@ def test_saclag_meets_cost_limit_and_unconstrained_sac_does_not(ray_local):
     assert unconstrained["return"] >= detour, (unconstrained, detour)
 
 
-# -- make reproduce, Tune's registry ---------------------------------------------------------------------
+# -- make reproduce, Tune's registry ---------------------------------------------------------------
 def test_reproduce_finds_a_saclag_tuned_example_for_every_task():
     from ray.tune.registry import get_trainable_cls
 

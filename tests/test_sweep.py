@@ -50,7 +50,9 @@ def _run(cmd, timeout=240) -> subprocess.CompletedProcess:
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
     return proc
 
 
@@ -135,14 +137,21 @@ def test_python_example_sweep_and_report(tmp_path):
     proc = _ok(
         _run(
             [
-                sys.executable, EXAMPLE,
-                "--env", "cvpo/PointHazard-v0",
-                "--limits", *LIMITS,
-                "--seeds", "0",
-                "--stop-steps", "600",
+                sys.executable,
+                EXAMPLE,
+                "--env",
+                "cvpo/PointHazard-v0",
+                "--limits",
+                *LIMITS,
+                "--seeds",
+                "0",
+                "--stop-steps",
+                "600",
                 "--smoke",
-                "--experiment-name", "py-sweep",
-                "--storage-path", tmp_path,
+                "--experiment-name",
+                "py-sweep",
+                "--storage-path",
+                tmp_path,
             ]
         )
     )

@@ -63,8 +63,15 @@ def test_state_round_trip_and_shape_check():
         ThresholdFeedback([5.0], rate=0.1, kappa_range=(0.05, 1.0)).set_state(fb.get_state())
 
 
-@pytest.mark.parametrize("bad", [dict(rate=-1.0), dict(rate=math.nan), dict(kappa_range=(0.0, 1.0)),
-                                 dict(kappa_range=(1.5, 2.0))])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(rate=-1.0),
+        dict(rate=math.nan),
+        dict(kappa_range=(0.0, 1.0)),
+        dict(kappa_range=(1.5, 2.0)),
+    ],
+)
 def test_bad_settings_are_refused(bad):
     kwargs = dict(rate=0.1, kappa_range=(0.05, 1.0)) | bad
     with pytest.raises(ValueError):
@@ -80,7 +87,9 @@ def test_state_mean_discounted_cost_matches_closed_forms():
     assert state_mean_discounted_cost(first, g, truncated=False)[0] == pytest.approx(1.0 / T)
     last = np.zeros((T, 1))
     last[-1] = 1.0  # cost on the last step: G_t = g^(T-1-t)
-    assert state_mean_discounted_cost(last, g, truncated=False)[0] == pytest.approx((1 - g**T) / ((1 - g) * T))
+    assert state_mean_discounted_cost(last, g, truncated=False)[0] == pytest.approx(
+        (1 - g**T) / ((1 - g) * T)
+    )
 
 
 def test_timing_correction_is_the_even_formula_for_even_cost_and_tighter_for_early_cost():
@@ -104,7 +113,9 @@ def test_timing_correction_is_the_even_formula_for_even_cost_and_tighter_for_ear
     np.testing.assert_allclose(clone.rho(default), tc.rho(default))
 
 
-def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoints_it(ray_local, tmp_path):
+def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoints_it(
+    ray_local, tmp_path
+):
     """Finished training episodes set the timing factor and kappa; the learner uses
     eps_even * timing * kappa; a restore keeps all three."""
     from rllib_ext.cvpo import CVPO, CVPOConfig
@@ -113,9 +124,16 @@ def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoint
         CVPOConfig()
         .environment("cvpo/PointHazard-v0")
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
-        .training(cost_limit=0.5, threshold_feedback_rate=0.05, actor_hiddens=[16], critic_hiddens=[16],
-                  train_batch_size_per_learner=32, num_sampled_actions=4,
-                  num_steps_sampled_before_learning_starts=200, updates_per_learner_call=2)
+        .training(
+            cost_limit=0.5,
+            threshold_feedback_rate=0.05,
+            actor_hiddens=[16],
+            critic_hiddens=[16],
+            train_batch_size_per_learner=32,
+            num_sampled_actions=4,
+            num_steps_sampled_before_learning_starts=200,
+            updates_per_learner_call=2,
+        )
         .reporting(min_sample_timesteps_per_iteration=400)
         .debugging(seed=0)
     )
@@ -126,7 +144,9 @@ def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoint
         assert algo._feedback.episodes >= 8  # 100-step episodes, 1200+ steps
         cv = result["cvpo"]
         assert cv["threshold_scale_cost"] == pytest.approx(float(algo._feedback.kappa[0]))
-        eps = algo.config.step_thresholds() * cv["threshold_timing_cost"] * cv["threshold_scale_cost"]
+        eps = (
+            algo.config.step_thresholds() * cv["threshold_timing_cost"] * cv["threshold_scale_cost"]
+        )
         np.testing.assert_allclose(algo.step_thresholds(), eps)
         learner = algo.learner_group._learner
         np.testing.assert_allclose(learner._thresholds("default_policy", algo.config), eps)

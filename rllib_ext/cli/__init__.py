@@ -46,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(
-        dest="command", metavar="{train,train file,resume,evaluate,report}"
-    )
+    sub = parser.add_subparsers(dest="command", metavar="{train,train file,resume,evaluate,report}")
     for command in (train, resume, evaluate, report):
         command.add_parser(sub)
     return parser
@@ -77,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         dirs = getattr(args, "experiment_dirs", [])
         again = f"; continue with `rllib resume {dirs[-1]}`" if dirs else ""
-        print(f"\ninterrupted after {time.time() - t0:.0f}s; results so far are kept{again}",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted after {time.time() - t0:.0f}s; results so far are kept{again}",
+            file=sys.stderr,
+        )
         return 130
 
 

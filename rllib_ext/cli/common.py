@@ -49,8 +49,9 @@ def local_abspath(path: str) -> str:
 
 def add_ray_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ray")
-    g.add_argument("--ray-address", default=None,
-                   help="join a running cluster (default: start a local Ray)")
+    g.add_argument(
+        "--ray-address", default=None, help="join a running cluster (default: start a local Ray)"
+    )
     g.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs for the local Ray")
     g.add_argument("--ray-num-gpus", type=int, default=None, help="GPUs for the local Ray")
 

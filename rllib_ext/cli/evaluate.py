@@ -41,15 +41,25 @@ def add_parser(sub) -> None:
     ev.add_argument("checkpoint", help="checkpoint directory written by `rllib train`")
     ev.add_argument("--env", "-e", default=None, help="env id (default: the one trained on)")
     ev.add_argument("--episodes", type=int, default=10, help="episodes to roll out (default 10)")
-    ev.add_argument("--steps", type=int, default=None,
-                    help="stop after this many env steps in total")
+    ev.add_argument(
+        "--steps", type=int, default=None, help="stop after this many env steps in total"
+    )
     ev.add_argument("--explore", action="store_true", help="sample actions instead of the mean")
-    ev.add_argument("--cost-limit", type=float, default=None,
-                    help="limit for the violation rate (default: the trained one)")
-    ev.add_argument("--seed", type=int, default=0,
-                    help="seed of the first episode's reset; episode i uses seed+i (default 0)")
-    ev.add_argument("--render", default=None,
-                    help="write a video of the first episode (.mp4 or .gif)")
+    ev.add_argument(
+        "--cost-limit",
+        type=float,
+        default=None,
+        help="limit for the violation rate (default: the trained one)",
+    )
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first episode's reset; episode i uses seed+i (default 0)",
+    )
+    ev.add_argument(
+        "--render", default=None, help="write a video of the first episode (.mp4 or .gif)"
+    )
     ev.add_argument("--out", default=None, help="also write the results as JSON here")
 
 
@@ -124,8 +134,16 @@ def evaluate_checkpoint(
             raise ValueError(f"--render must end in .mp4 or .gif, got {render!r}")
         check_render_backend(env_id, render)
         env_config["render_mode"] = "rgb_array"
-    stats = rollout(act, env_id, env_config, keys, episodes=episodes, seed=seed,
-                    max_steps=max_steps, frames=frames if render else None)
+    stats = rollout(
+        act,
+        env_id,
+        env_config,
+        keys,
+        episodes=episodes,
+        seed=seed,
+        max_steps=max_steps,
+        frames=frames if render else None,
+    )
     returns, costs, lengths = stats["returns"], stats["costs"], stats["lengths"]
     per_key = np.asarray(stats["costs_per_key"], dtype=np.float64).reshape(len(returns), len(keys))
     result: dict[str, Any] = {

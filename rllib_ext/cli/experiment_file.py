@@ -69,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rllib train file",
         description="Run a Tune experiment file: {name: {run: ALGO, env: ID, config: {...}, "
-        "stop: {...}, ...}}. Keys: " + ", ".join(EXPERIMENT_KEYS) + "; checkpoint_config keys: "
-        + ", ".join(CHECKPOINT_KEYS) + ". Flags given here override the file's values.",
+        "stop: {...}, ...}}. Keys: "
+        + ", ".join(EXPERIMENT_KEYS)
+        + "; checkpoint_config keys: "
+        + ", ".join(CHECKPOINT_KEYS)
+        + ". Flags given here override the file's values.",
         epilog=EPILOG + "\n" + RESULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -137,8 +140,10 @@ def normalize_experiment(name: str, spec: Any, path: str) -> dict[str, Any]:
             new_section, new_key = legacy
             new_label = new_key if new_section is None else f"{new_section}.{new_key}"
             if key != "algo":
-                notes.append(f"note: {where}: `{label}` is Tune's old name for `{new_label}`; "
-                             "using it as that")
+                notes.append(
+                    f"note: {where}: `{label}` is Tune's old name for `{new_label}`; "
+                    "using it as that"
+                )
             if new_key == "checkpoint_score_attribute" and str(value).startswith("min-"):
                 value = str(value)[4:]
                 ckpt.setdefault("checkpoint_score_order", "min")
@@ -153,8 +158,10 @@ def normalize_experiment(name: str, spec: Any, path: str) -> dict[str, Any]:
         if key in target and target[key] != value:
             first = origin[(section, key)]
             current = key if section is None else f"{section}.{key}"
-            raise CLIError(f"{where}: {first!r} ({target[key]!r}) and {label!r} ({value!r}) set "
-                           f"the same thing differently; keep only {current!r}")
+            raise CLIError(
+                f"{where}: {first!r} ({target[key]!r}) and {label!r} ({value!r}) set "
+                f"the same thing differently; keep only {current!r}"
+            )
         target[key] = value
         origin[(section, key)] = label
     if ckpt:

@@ -243,8 +243,11 @@ def summarize(trials: list[dict[str, Any]], last_n: int = 5) -> list[dict[str, A
         row: dict[str, Any] = dict(zip(params, values))
         row["trials"] = len(g)
         row["iterations"] = int(min(len(t["iterations"]) for t in g))
-        row["env_steps"] = float(np.nanmin([_last(t["steps"]) for t in g])) if any(
-            np.isfinite(t["steps"]).any() for t in g) else math.nan
+        row["env_steps"] = (
+            float(np.nanmin([_last(t["steps"]) for t in g]))
+            if any(np.isfinite(t["steps"]).any() for t in g)
+            else math.nan
+        )
         row.update(_stats("reward", [_tail_mean(t["return"], last_n) for t in g]))
         row.update(_stats("cost", [_tail_mean(t["cost"], last_n) for t in g]))
         row.update(_stats("violation_rate", [_tail_mean(t["violation"], last_n) for t in g]))
@@ -277,8 +280,9 @@ def _param_label(key: str) -> str:
     return key.replace("_", " ")
 
 
-def _markdown(rows: list[dict[str, Any]], params: list[str], last_n: int,
-              constant_limit: float | None) -> str:
+def _markdown(
+    rows: list[dict[str, Any]], params: list[str], last_n: int, constant_limit: float | None
+) -> str:
     with_eval = bool(rows) and "eval_return_mean" in rows[0]
     lines = [
         f"Final values: per trial the mean over its last {last_n} iterations with a value"
@@ -295,8 +299,11 @@ def _markdown(rows: list[dict[str, Any]], params: list[str], last_n: int,
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for r in rows:
         cells = [format_value(r[p]) for p in params]
-        cells += [str(r["trials"]), str(r["iterations"]),
-                  f"{r['env_steps']:,.0f}" if math.isfinite(r["env_steps"]) else "n/a"]
+        cells += [
+            str(r["trials"]),
+            str(r["iterations"]),
+            f"{r['env_steps']:,.0f}" if math.isfinite(r["env_steps"]) else "n/a",
+        ]
         cells += [_cell(r, m.replace(" ", "_")) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -375,8 +382,13 @@ def plot_report(trials: list[dict[str, Any]], last_n: int = 5):
                 continue
             if isinstance(curve, list):  # seeds without a common x range: one line each
                 for i, (x, y) in enumerate(curve):
-                    ax.plot(x, y, color=color, marker="." if len(x) < 2 else None,
-                            label=label if i == 0 else None)
+                    ax.plot(
+                        x,
+                        y,
+                        color=color,
+                        marker="." if len(x) < 2 else None,
+                        label=label if i == 0 else None,
+                    )
             else:
                 x, mean, lo, hi = curve
                 ax.plot(x, mean, color=color, marker="." if len(x) < 2 else None, label=label)
@@ -398,8 +410,9 @@ def _csv_value(value: Any) -> Any:
     return format_value(value) if isinstance(value, tuple) else value
 
 
-def write_report(experiment_dir: str | Path, out_dir: str | Path | None = None,
-                 last_n: int = 5) -> dict[str, str]:
+def write_report(
+    experiment_dir: str | Path, out_dir: str | Path | None = None, last_n: int = 5
+) -> dict[str, str]:
     """Writes report.csv, report.md and report.png; returns their paths."""
     import matplotlib.pyplot as plt
 
@@ -438,12 +451,11 @@ def add_parser(sub) -> None:
         "the trials evaluated) per group of trials that share every parameter but the seed, plus "
         "a PNG of the learning curves against env steps (mean over seeds, min-max band).",
     )
-    rep.add_argument("experiment_dir",
-                     help="the experiment folder (contains one folder per trial)")
-    rep.add_argument("--out", default=None,
-                     help="output folder (default: the experiment folder)")
-    rep.add_argument("--last", type=int, default=5,
-                     help="average the last N iterations (default 5)")
+    rep.add_argument("experiment_dir", help="the experiment folder (contains one folder per trial)")
+    rep.add_argument("--out", default=None, help="output folder (default: the experiment folder)")
+    rep.add_argument(
+        "--last", type=int, default=5, help="average the last N iterations (default 5)"
+    )
 
 
 def cmd_report(args) -> int:

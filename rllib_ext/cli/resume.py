@@ -21,13 +21,17 @@ def add_parser(sub) -> None:
         epilog=RESULTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    res.add_argument("experiment_dir",
-                     help="the experiment folder, <storage>/<experiment> (holds tuner.pkl)")
-    res.add_argument("--restart-errored", action="store_true",
-                     help="restart errored trials from scratch instead of from their last "
-                     "checkpoint")
-    res.add_argument("--plot", default=None,
-                     help="write reward/cost per iteration to this PNG (one trial only)")
+    res.add_argument(
+        "experiment_dir", help="the experiment folder, <storage>/<experiment> (holds tuner.pkl)"
+    )
+    res.add_argument(
+        "--restart-errored",
+        action="store_true",
+        help="restart errored trials from scratch instead of from their last checkpoint",
+    )
+    res.add_argument(
+        "--plot", default=None, help="write reward/cost per iteration to this PNG (one trial only)"
+    )
     res.add_argument("-v", action="count", default=0, help="more output (-vv: Tune's own tables)")
     common.add_ray_args(res)
 
@@ -47,9 +51,11 @@ def read_trainable_name(experiment_dir: str) -> str:
         if not p.is_dir():
             raise CLIError(f"experiment folder {p} does not exist")
         if not (p / "tuner.pkl").is_file():
-            hint = (f"; it looks like a trial folder, did you mean {p.parent}?"
-                    if (p.parent / "tuner.pkl").is_file() else
-                    "; pass <storage>/<experiment>, the folder `rllib train` printed after '->'")
+            hint = (
+                f"; it looks like a trial folder, did you mean {p.parent}?"
+                if (p.parent / "tuner.pkl").is_file()
+                else "; pass <storage>/<experiment>, the folder `rllib train` printed after '->'"
+            )
             raise CLIError(f"{p} is not a Tune experiment folder (no tuner.pkl){hint}")
     try:
         with fs.open_input_file(f"{fs_path.rstrip('/')}/tuner.pkl") as f:

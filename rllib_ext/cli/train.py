@@ -26,34 +26,64 @@ OWN_ALGORITHMS = ("CVPO", "SACLag")
 # -- parsing ------------------------------------------------------------------------------
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """Flags of a Tune run (``rllib train`` and ``rllib train file``)."""
-    p.add_argument("--stop", "-s", default=None,
-                   help='stop criteria as JSON, e.g. \'{"training_iteration": 10}\'')
+    p.add_argument(
+        "--stop",
+        "-s",
+        default=None,
+        help="stop criteria as JSON, e.g. '{\"training_iteration\": 10}'",
+    )
     p.add_argument("--experiment-name", default=None, help="folder name under the storage path")
     # None = not given: the experiment file's value, else the default named in the help
-    p.add_argument("--num-samples", type=int, default=None,
-                   help="repeat each trial N times (default 1)")
-    p.add_argument("--checkpoint-freq", type=int, default=None,
-                   help="checkpoint every N iterations (default 0: never)")
-    p.add_argument("--checkpoint-at-end", dest="checkpoint_at_end", action="store_true",
-                   default=None, help="write a checkpoint when a trial ends (default)")
-    p.add_argument("--no-checkpoint-at-end", dest="checkpoint_at_end", action="store_false",
-                   help="do not write a checkpoint when a trial ends")
-    p.add_argument("--keep-checkpoints-num", type=int, default=None,
-                   help="keep only the N newest checkpoints")
-    p.add_argument("--storage-path", default=None,
-                   help="where results go (default ~/ray_results)")
-    p.add_argument("--max-failures", type=int, default=None,
-                   help="restart a failed trial (e.g. its node died) from its last checkpoint "
-                   "up to N times (default 0; -1: without limit)")
-    p.add_argument("--resume", action="store_true",
-                   help="resume an interrupted experiment of the same name and storage path "
-                   "from its checkpoints (same as `rllib resume <storage>/<name>`)")
-    p.add_argument("--wandb-project", default=None,
-                   help="also log every trial to this Weights & Biases project (pip install wandb; "
-                   "`wandb login`, or WANDB_MODE=offline)")
-    p.add_argument("--plot", default=None,
-                   help="write reward/cost per iteration to this PNG "
-                   "(default: <trial>/progress.png)")
+    p.add_argument(
+        "--num-samples", type=int, default=None, help="repeat each trial N times (default 1)"
+    )
+    p.add_argument(
+        "--checkpoint-freq",
+        type=int,
+        default=None,
+        help="checkpoint every N iterations (default 0: never)",
+    )
+    p.add_argument(
+        "--checkpoint-at-end",
+        dest="checkpoint_at_end",
+        action="store_true",
+        default=None,
+        help="write a checkpoint when a trial ends (default)",
+    )
+    p.add_argument(
+        "--no-checkpoint-at-end",
+        dest="checkpoint_at_end",
+        action="store_false",
+        help="do not write a checkpoint when a trial ends",
+    )
+    p.add_argument(
+        "--keep-checkpoints-num", type=int, default=None, help="keep only the N newest checkpoints"
+    )
+    p.add_argument("--storage-path", default=None, help="where results go (default ~/ray_results)")
+    p.add_argument(
+        "--max-failures",
+        type=int,
+        default=None,
+        help="restart a failed trial (e.g. its node died) from its last checkpoint "
+        "up to N times (default 0; -1: without limit)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume an interrupted experiment of the same name and storage path "
+        "from its checkpoints (same as `rllib resume <storage>/<name>`)",
+    )
+    p.add_argument(
+        "--wandb-project",
+        default=None,
+        help="also log every trial to this Weights & Biases project (pip install wandb; "
+        "`wandb login`, or WANDB_MODE=offline)",
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="write reward/cost per iteration to this PNG (default: <trial>/progress.png)",
+    )
     p.add_argument("-v", action="count", default=0, help="more output (-vv: Tune's own tables)")
     common.add_ray_args(p)
 
@@ -69,10 +99,12 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--algo", "-a", default=None, help="algorithm name: CVPO, PPO, SAC, ...")
-    train.add_argument("--env", "-e", default=None,
-                       help="env id, e.g. SafetyPointGoal1-v0 or cvpo/PointHazard-v0")
-    train.add_argument("--config", "-c", default="{}",
-                       help="algorithm config as JSON (keys of AlgorithmConfig)")
+    train.add_argument(
+        "--env", "-e", default=None, help="env id, e.g. SafetyPointGoal1-v0 or cvpo/PointHazard-v0"
+    )
+    train.add_argument(
+        "--config", "-c", default="{}", help="algorithm config as JSON (keys of AlgorithmConfig)"
+    )
     add_run_args(train)
 
 
@@ -234,8 +266,11 @@ def report_results(results, args, algo_name: str, exp_dir: str) -> int:
         print(f"trial {trial_dir.name}: checkpoint {ckpt_path}; plot {png}", flush=True)
     print(f"curves: tensorboard --logdir {exp_dir}", flush=True)
     if unfinished:
-        print(f"interrupted: {unfinished} trial(s) did not reach the stop criterion; continue with "
-              f"`rllib resume {exp_dir}`", flush=True)
+        print(
+            f"interrupted: {unfinished} trial(s) did not reach the stop criterion; continue with "
+            f"`rllib resume {exp_dir}`",
+            flush=True,
+        )
         return max(status, 130)
     return status
 

@@ -106,9 +106,7 @@ def render_frame(env) -> np.ndarray:
             f"here). {NO_BACKEND_HINT}"
         ) from err
     if frame is None:
-        raise RuntimeError(
-            "the env returned no frame; it does not support render_mode='rgb_array'"
-        )
+        raise RuntimeError("the env returned no frame; it does not support render_mode='rgb_array'")
     frame = np.asarray(frame)
     if frame.ndim != 3 or frame.shape[-1] not in (3, 4):
         raise RuntimeError(

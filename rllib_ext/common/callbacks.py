@@ -54,7 +54,7 @@ def _set_violation_rates(env_runner_results) -> None:
     )
     prefix = M.NUM_EPISODES_VIOLATED_PREFIX
     for key in [k for k in env_runner_results if isinstance(k, str) and k.startswith(prefix)]:
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         env_runner_results[M.COST_VIOLATION_RATE_PREFIX + name] = (
             float(env_runner_results[key]) / checked
         )
@@ -68,8 +68,9 @@ class CostMetricsCallback(RLlibCallback):
     the previous chunk).
     """
 
-    def on_episode_end(self, *, episode, prev_episode_chunks=None, env_runner=None,
-                       metrics_logger=None, **kwargs) -> None:
+    def on_episode_end(
+        self, *, episode, prev_episode_chunks=None, env_runner=None, metrics_logger=None, **kwargs
+    ) -> None:
         if metrics_logger is None or env_runner is None:
             return
         keys, limits = _config_costs(env_runner.config)
@@ -108,8 +109,9 @@ class CostMetricsCallback(RLlibCallback):
             metrics_logger.log_value(M.CUMULATIVE_COST, sum(totals), reduce="lifetime_sum")
         metrics_logger.log_value(M.NUM_NONFINITE_DROPPED, dropped, reduce="sum")
 
-    def on_train_result(self, *, algorithm=None, metrics_logger=None, result=None,
-                        **kwargs) -> None:
+    def on_train_result(
+        self, *, algorithm=None, metrics_logger=None, result=None, **kwargs
+    ) -> None:
         if not isinstance(result, dict):
             return
         training = result.get(ENV_RUNNER_RESULTS)

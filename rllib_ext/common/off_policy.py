@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -69,9 +70,9 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
     def __init__(self, algo_class=None):
         super().__init__(algo_class=algo_class)
         # --- constraint ---
-        self.cost_limit: Union[float, Sequence[float]] = 25.0  # episodic, per constraint
-        self.cost_keys: Optional[List[str]] = None  # info keys; None -> ["cost"]
-        self.episode_horizon: Optional[int] = None  # None -> the env's time limit
+        self.cost_limit: float | Sequence[float] = 25.0  # episodic, per constraint
+        self.cost_keys: list[str] | None = None  # info keys; None -> ["cost"]
+        self.episode_horizon: int | None = None  # None -> the env's time limit
         # --- networks and optimisation ---
         self.actor_hiddens = HIDDENS
         self.critic_hiddens = HIDDENS
@@ -158,7 +159,7 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
         learner_torch_threads=NotProvided,
         keep_best_feasible_checkpoint=NotProvided,
         **kwargs,
-    ) -> "ConstrainedOffPolicyConfig":
+    ) -> ConstrainedOffPolicyConfig:
         """Sets the shared hyper-parameters (any left out keep their value).
 
         Args:
@@ -199,11 +200,11 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
 
     # -- derived values -----------------------------------------------------------------
     @property
-    def constraint_names(self) -> List[str]:
+    def constraint_names(self) -> list[str]:
         return list(self.cost_keys) if self.cost_keys else ["cost"]
 
     @property
-    def cost_limits(self) -> List[float]:
+    def cost_limits(self) -> list[float]:
         """One limit per constraint (cvpo.constraints.cost_limits)."""
         from cvpo.constraints import cost_limits
 
@@ -211,7 +212,7 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
 
     @property
     @override(AlgorithmConfig)
-    def _model_config_auto_includes(self) -> Dict[str, Any]:
+    def _model_config_auto_includes(self) -> dict[str, Any]:
         return super()._model_config_auto_includes | {
             "actor_hiddens": tuple(self.actor_hiddens),
             "critic_hiddens": tuple(self.critic_hiddens),
@@ -236,7 +237,8 @@ def episode_to_chunk(episode, cost_keys: Sequence[str]) -> EpisodeChunk:
         raise ValueError(
             f"the env's step info has no cost key {err.args[0]!r} (keys seen: "
             f"{sorted(infos[-1]) if infos else []}); set the config's .training(cost_keys=...) "
-            "(CVPOConfig, SACLagConfig) to keys the env reports, or wrap the env so info['cost'] is set each step"
+            "(CVPOConfig, SACLagConfig) to keys the env reports, or wrap the env so "
+            "info['cost'] is set each step"
         ) from None
     return EpisodeChunk(
         episode_id=episode.id_,
@@ -310,7 +312,7 @@ class ConstrainedOffPolicy(Algorithm):
         self._replay = NStepReplayBuffer(config.replay_capacity, seed=config.seed)
         self._num_updates = 0
         self._best_feasible_return = -np.inf
-        self._open_episode_costs: Dict[str, List[np.ndarray]] = {}  # episode id -> cost chunks
+        self._open_episode_costs: dict[str, list[np.ndarray]] = {}  # episode id -> cost chunks
         self._setup_constraint_state(config)
         return None
 
@@ -433,7 +435,7 @@ class ConstrainedOffPolicy(Algorithm):
 
     def _finished_episode_costs(
         self, chunks: Sequence[EpisodeChunk]
-    ) -> List[Tuple[np.ndarray, bool]]:
+    ) -> list[tuple[np.ndarray, bool]]:
         """Collects each training episode's per-step costs over its chunks; returns
         (costs (T, m), truncated and not terminated) of the episodes that ended, in
         the order their last chunks came. Does nothing while
@@ -456,7 +458,7 @@ class ConstrainedOffPolicy(Algorithm):
             self._maybe_save_best_feasible(results.get(ENV_RUNNER_RESULTS) or {})
         return results
 
-    def _evaluation_feasible(self, eval_runner_results: Dict[str, Any]) -> Optional[bool]:
+    def _evaluation_feasible(self, eval_runner_results: dict[str, Any]) -> bool | None:
         """Whether the evaluation's mean episode cost meets every limit (None: no episode)."""
         names = self.config.constraint_names
         if len(names) == 1:
@@ -469,7 +471,7 @@ class ConstrainedOffPolicy(Algorithm):
         return all(float(c) <= limit for c, limit in zip(costs, self.config.cost_limits))
 
     #: set to a folder to put the best feasible checkpoint there instead
-    best_feasible_path: Optional[str] = None
+    best_feasible_path: str | None = None
 
     def best_feasible_checkpoint_dir(self) -> str:
         """Where the best feasible checkpoint goes: ``best_feasible_path`` if set, else
@@ -478,9 +480,13 @@ class ConstrainedOffPolicy(Algorithm):
 
         return best_feasible_target(self)[0]
 
-    def _maybe_save_best_feasible(self, eval_runner_results: Dict[str, Any]) -> None:
+    def _maybe_save_best_feasible(self, eval_runner_results: dict[str, Any]) -> None:
         ret = eval_runner_results.get(M.EPISODE_RETURN_MEAN)
-        if ret is None or not np.isfinite(ret) or not self._evaluation_feasible(eval_runner_results):
+        if (
+            ret is None
+            or not np.isfinite(ret)
+            or not self._evaluation_feasible(eval_runner_results)
+        ):
             return
         if ret <= self._best_feasible_return:
             return

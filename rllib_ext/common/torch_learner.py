@@ -133,9 +133,9 @@ class ConstrainedTorchLearner(TorchLearner):
             set_torch_threads(threads)
         super().build()
         self.module.foreach_module(
-            lambda mid, mod: mod.make_target_networks()
-            if isinstance(mod, TargetNetworkAPI)
-            else None
+            lambda mid, mod: (
+                mod.make_target_networks() if isinstance(mod, TargetNetworkAPI) else None
+            )
         )
         self._counters: dict[ModuleID, dict[str, int]] = {}
         self._pending: dict[ModuleID, dict[str, Any]] = {}  # per-update metrics to log
@@ -155,8 +155,11 @@ class ConstrainedTorchLearner(TorchLearner):
     def register_adam(self, module_id: ModuleID, name: str, params, lr) -> None:
         """Registers one Adam optimizer over ``params`` (see :func:`adam`)."""
         self.register_optimizer(
-            module_id=module_id, optimizer_name=name, optimizer=adam(params),
-            params=params, lr_or_lr_schedule=lr,
+            module_id=module_id,
+            optimizer_name=name,
+            optimizer=adam(params),
+            params=params,
+            lr_or_lr_schedule=lr,
         )
 
     # -- one update -----------------------------------------------------------------------
@@ -167,8 +170,12 @@ class ConstrainedTorchLearner(TorchLearner):
         self._counters[module_id]["skipped" if self._skip_update else "updates"] += 1
         return not self._skip_update
 
-    def record_metrics(self, module_id: ModuleID, values: dict[str, torch.Tensor],
-                       host: dict[str, float] | None = None) -> None:
+    def record_metrics(
+        self,
+        module_id: ModuleID,
+        values: dict[str, torch.Tensor],
+        host: dict[str, float] | None = None,
+    ) -> None:
         """Records one update's metrics by key: a 0-d tensor is logged under its key, a
         1-d tensor of m values under ``key + constraint name``; ``host`` holds Python
         numbers. Logged as means over the learner call's updates (:meth:`_flush`)."""
@@ -191,7 +198,7 @@ class ConstrainedTorchLearner(TorchLearner):
             if dim == 0:
                 log((module_id, key), means[at], window=1)
             else:
-                for name, value in zip(names, means[at:at + size]):
+                for name, value in zip(names, means[at : at + size]):
                     log((module_id, key + name), value, window=1)
             at += size
         for key in record["host"][0] if record["host"] else ():
@@ -279,8 +286,12 @@ class ConstrainedTorchLearner(TorchLearner):
         if stored:
             logger.warning(
                 "%s on %s: the checkpoint holds the sampling generator state for %s only; "
-                "reseeded it from seed %s and %d updates.", type(self).__name__,
-                self._generator.device, ", ".join(stored), self._seed(), done,
+                "reseeded it from seed %s and %d updates.",
+                type(self).__name__,
+                self._generator.device,
+                ", ".join(stored),
+                self._seed(),
+                done,
             )
 
     @override(Learner)

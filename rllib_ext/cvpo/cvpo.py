@@ -10,7 +10,8 @@ cost timing and the episodic-cost feedback of the training episodes
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -100,7 +101,7 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         kl_bound=NotProvided,
         alpha_lr=NotProvided,
         **kwargs,
-    ) -> "CVPOConfig":
+    ) -> CVPOConfig:
         """Sets CVPO's hyper-parameters (any left out keep their value).
 
         The shared keys (cost_limit, cost_keys, episode_horizon, actor_hiddens,
@@ -244,8 +245,12 @@ class CVPO(ConstrainedOffPolicy):
             self._push_thresholds()
         names = cfg.constraint_names
         for name, kappa, timing in zip(names, self._feedback.kappa, self._timing_factor()):
-            self.metrics.log_value((M.CVPO_RESULTS, M.THRESHOLD_SCALE_PREFIX + name), float(kappa), window=1)
-            self.metrics.log_value((M.CVPO_RESULTS, M.THRESHOLD_TIMING_PREFIX + name), float(timing), window=1)
+            self.metrics.log_value(
+                (M.CVPO_RESULTS, M.THRESHOLD_SCALE_PREFIX + name), float(kappa), window=1
+            )
+            self.metrics.log_value(
+                (M.CVPO_RESULTS, M.THRESHOLD_TIMING_PREFIX + name), float(timing), window=1
+            )
 
     def _timing_factor(self) -> np.ndarray:
         """rho / rho_even per constraint: 1 for cost spread evenly, < 1 for early cost."""

@@ -94,15 +94,17 @@ class CVPOLearner(Learner):
     def _module_state(self, module_id: ModuleID) -> dict[str, Any]:
         dual = self._dual.get(module_id)
         return {
-            "dual": None if dual is None else (
-                float(np.asarray(_host(dual[0]))), np.asarray(_host(dual[1]), np.float64)
-            ),
+            "dual": None
+            if dual is None
+            else (float(np.asarray(_host(dual[0]))), np.asarray(_host(dual[1]), np.float64)),
             "trust_region": self._trust[module_id].state_dict(),
         }
 
     def _set_module_state(self, module_id: ModuleID, state: dict[str, Any]) -> None:
-        self._dual[module_id] = None if state["dual"] is None else (
-            np.float64(state["dual"][0]), np.asarray(state["dual"][1], np.float64)
+        self._dual[module_id] = (
+            None
+            if state["dual"] is None
+            else (np.float64(state["dual"][0]), np.asarray(state["dual"][1], np.float64))
         )
         self._trust[module_id].load_state_dict(state["trust_region"])
 

@@ -114,7 +114,8 @@ def check_constraint_keys(cfg) -> None:
 
 
 def validate_cvpo_config(cfg) -> None:
-    """Checks CVPO's keys, then the shared ones, then probes the env (horizon, spaces, cost signal)."""
+    """Checks CVPO's keys, then the shared ones, then probes the env (horizon, spaces,
+    cost signal)."""
     check_constraint_keys(cfg)
     _check_num_learners(cfg)
     _positive(cfg, "estep_kl")
@@ -128,11 +129,20 @@ def validate_cvpo_config(cfg) -> None:
     _positive(cfg, "threshold_timing_window", integer=True)
     _positive(cfg, "threshold_feedback_rate", allow_zero=True)
     kr = cfg.threshold_kappa_range
-    if not (isinstance(kr, (list, tuple)) and len(kr) == 2 and all(_is_real(x) for x in kr)
-            and 0 < kr[0] <= 1 <= kr[1]):
+    if not (
+        isinstance(kr, (list, tuple))
+        and len(kr) == 2
+        and all(_is_real(x) for x in kr)
+        and 0 < kr[0] <= 1 <= kr[1]
+    ):
         raise _bad("threshold_kappa_range", kr, "(min, max) with 0 < min <= 1 <= max")
-    for key in ("mstep_kl_mu", "mstep_kl_sigma", "mstep_alpha_lr", "alpha_mu_max",
-                "alpha_sigma_max"):
+    for key in (
+        "mstep_kl_mu",
+        "mstep_kl_sigma",
+        "mstep_alpha_lr",
+        "alpha_mu_max",
+        "alpha_sigma_max",
+    ):
         _positive(cfg, key)
     _positive(cfg, "num_target_actions", integer=True)
     validate_off_policy_config(cfg)

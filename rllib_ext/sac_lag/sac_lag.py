@@ -15,7 +15,8 @@ See docs/algorithm_saclag.md.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from ray.rllib.algorithms.algorithm import Algorithm
@@ -85,7 +86,7 @@ class SACLagConfig(ConstrainedOffPolicyConfig):
         lagrangian_update_episodes=NotProvided,
         lagrangian_normalize_actor_loss=NotProvided,
         **kwargs,
-    ) -> "SACLagConfig":
+    ) -> SACLagConfig:
         """Sets SACLag's hyper-parameters (any left out keep their value).
 
         Args:
@@ -151,7 +152,7 @@ class SACLagConfig(ConstrainedOffPolicyConfig):
 
     @property
     @override(AlgorithmConfig)
-    def _model_config_auto_includes(self) -> Dict[str, Any]:
+    def _model_config_auto_includes(self) -> dict[str, Any]:
         return super()._model_config_auto_includes | {"initial_alpha": self.initial_alpha}
 
 
@@ -176,13 +177,23 @@ class SACLag(ConstrainedOffPolicy):
         lam = self._lagrange
         log = self.metrics.log_value
         for k, name in enumerate(self.config.constraint_names):
-            log((M.CVPO_RESULTS, M.LAGRANGE_MULTIPLIER_PREFIX + name), float(lam.values[k]), window=1)
+            log(
+                (M.CVPO_RESULTS, M.LAGRANGE_MULTIPLIER_PREFIX + name),
+                float(lam.values[k]),
+                window=1,
+            )
             if np.isfinite(lam.last_cost[k]):
-                log((M.CVPO_RESULTS, M.LAGRANGE_EPISODE_COST_PREFIX + name),
-                    float(lam.last_cost[k]), window=1)
+                log(
+                    (M.CVPO_RESULTS, M.LAGRANGE_EPISODE_COST_PREFIX + name),
+                    float(lam.last_cost[k]),
+                    window=1,
+                )
             if lam.pid is not None:
-                log((M.CVPO_RESULTS, M.LAGRANGE_PID_INTEGRAL_PREFIX + name),
-                    float(lam.integral[k]), window=1)
+                log(
+                    (M.CVPO_RESULTS, M.LAGRANGE_PID_INTEGRAL_PREFIX + name),
+                    float(lam.integral[k]),
+                    window=1,
+                )
         log((M.CVPO_RESULTS, M.LAGRANGE_UPDATES), lam.num_updates, window=1)
 
     def lagrange_multipliers(self) -> np.ndarray:

@@ -38,7 +38,8 @@ def validate_sac_lag_config(cfg) -> None:
     _positive(cfg, "lagrangian_lr")
     pid = cfg.lagrangian_pid
     if pid is not None and not (
-        isinstance(pid, (list, tuple)) and len(pid) == 3
+        isinstance(pid, (list, tuple))
+        and len(pid) == 3
         and all(_is_real(g) and math.isfinite(g) and g >= 0 for g in pid)
     ):
         raise _bad("lagrangian_pid", pid, "None or three gains (kp, ki, kd), each >= 0", cfg)

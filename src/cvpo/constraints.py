@@ -227,7 +227,8 @@ def violation_rate(
 
 
 def format_limits(limits: Sequence[float], cost_keys: str | Sequence[str] | None = None) -> str:
-    """Human-readable limits: ``"25"`` for one constraint, else ``"cost_hazards 20, cost_vases 5"``."""
+    """Human-readable limits: ``"25"`` for one constraint, else
+    ``"cost_hazards 20, cost_vases 5"``."""
     keys = constraint_names(cost_keys)
     limits = list(limits)
     if len(limits) == 1:

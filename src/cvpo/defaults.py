@@ -24,7 +24,8 @@ THRESHOLD_TIMINGS = ("measured", "even")
 ACTOR_COVARIANCES = ("diagonal", "full")
 
 # -- numbers ------------------------------------------------------------------------------
-#: cap on each E-step cost multiplier lambda; a step that needs more is infeasible
+#: cap on each E-step cost multiplier lambda (reward units per cost unit: 1e3 lets one unit of
+#: cost outweigh 1000 units of reward); a step that needs more is infeasible
 ESTEP_LAMBDA_MAX = 1e3
 #: hidden sizes of the actor and of every critic (CVPO's defaults; SACLag uses 256)
 HIDDENS = (128, 128)

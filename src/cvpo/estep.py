@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from cvpo import estep_fast
+from cvpo.defaults import ESTEP_LAMBDA_MAX, ESTEP_SOLVERS
 from cvpo.estep_cvxpy import (
     CVXPY_DPP_MAX_PAIRS,
     DEFAULT_CVXPY_SOLVER,
@@ -55,10 +56,25 @@ from cvpo.estep_data import (
 )
 
 __all__ = [
-    "CVXPY_DPP_MAX_PAIRS", "DEFAULT_CVXPY_SOLVER", "DEFAULT_ETA_MIN", "DEFAULT_LAMBDA_MAX",
-    "DEFAULT_MAX_ITER", "DEFAULT_TOL", "FALLBACK_PREFIX", "SOLVERS", "STATUS_CONVERGED",
-    "STATUS_INFEASIBLE", "STATUS_MAX_ITER", "CvxpyDualProblem", "DualProblem", "EStepResult",
-    "build_cvxpy_problem", "clear_cvxpy_cache", "dual_g", "dual_objective", "solve_dual",
+    "CVXPY_DPP_MAX_PAIRS",
+    "DEFAULT_CVXPY_SOLVER",
+    "DEFAULT_ETA_MIN",
+    "DEFAULT_LAMBDA_MAX",
+    "DEFAULT_MAX_ITER",
+    "DEFAULT_TOL",
+    "FALLBACK_PREFIX",
+    "SOLVERS",
+    "STATUS_CONVERGED",
+    "STATUS_INFEASIBLE",
+    "STATUS_MAX_ITER",
+    "CvxpyDualProblem",
+    "DualProblem",
+    "EStepResult",
+    "build_cvxpy_problem",
+    "clear_cvxpy_cache",
+    "dual_g",
+    "dual_objective",
+    "solve_dual",
     "variational_weights",
 ]
 
@@ -68,10 +84,10 @@ STATUS_CONVERGED = "converged"
 STATUS_MAX_ITER = "max_iter"
 STATUS_INFEASIBLE = "infeasible"
 FALLBACK_PREFIX = "fallback_newton:"
-SOLVERS = ("newton", "cvxpy")
+SOLVERS = ESTEP_SOLVERS
 # lambda is in reward units per cost unit; 1e3 lets one unit of cost outweigh 1000 units
 # of reward before the step is declared infeasible.
-DEFAULT_LAMBDA_MAX = 1e3
+DEFAULT_LAMBDA_MAX = ESTEP_LAMBDA_MAX
 # eta is a temperature in reward units; it only reaches this bound when the sampled
 # actions' values are (nearly) identical in every state.
 DEFAULT_ETA_MIN = 1e-6
@@ -127,8 +143,14 @@ class EStepResult:
     message: str = ""
 
 
-def dual_g(q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: torch.Tensor,
-           eta: torch.Tensor | float, lambdas: torch.Tensor) -> torch.Tensor:
+def dual_g(
+    q: torch.Tensor,
+    qc: torch.Tensor,
+    kl_bound: float,
+    thresholds: torch.Tensor,
+    eta: torch.Tensor | float,
+    lambdas: torch.Tensor,
+) -> torch.Tensor:
     """g(eta, lambdas) as written above, for tensors (autograd-able; no checks).
 
     Shapes: q (B, K), qc (m, B, K), thresholds and lambdas (m,) of active constraints.
@@ -138,14 +160,21 @@ def dual_g(q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: torch
     return eta * kl_bound + lambdas @ thresholds + eta * log_mean_exp.mean()
 
 
-def variational_weights(q: torch.Tensor, qc: torch.Tensor, eta: torch.Tensor | float,
-                        lambdas: torch.Tensor) -> torch.Tensor:
+def variational_weights(
+    q: torch.Tensor, qc: torch.Tensor, eta: torch.Tensor | float, lambdas: torch.Tensor
+) -> torch.Tensor:
     """q_ij = softmax_j(A_ij / eta), (B, K): the E-step's non-parametric policy."""
     return torch.softmax((q - torch.einsum("m,mbk->bk", lambdas, qc)) / eta, dim=1)
 
 
-def dual_objective(q: torch.Tensor, qc: torch.Tensor | None, kl_bound: float,
-                   thresholds: Any, eta: float, lambdas: Any) -> float:
+def dual_objective(
+    q: torch.Tensor,
+    qc: torch.Tensor | None,
+    kl_bound: float,
+    thresholds: Any,
+    eta: float,
+    lambdas: Any,
+) -> float:
     """``dual_g`` in float64 with ``solve_dual``'s argument checks; thresholds (m,) may be
     ``inf`` (inactive) where lambdas (m,) is 0."""
     q, qc, kl_bound, thresholds = check_data(q, qc, kl_bound, thresholds, check_finite=True)
@@ -156,9 +185,16 @@ def dual_objective(q: torch.Tensor, qc: torch.Tensor | None, kl_bound: float,
     index = torch.as_tensor(np.flatnonzero(active), device=q.device)
     as64 = dict(dtype=torch.float64, device=q.device)
     with torch.no_grad():
-        return float(dual_g(q.to(torch.float64), qc[index].to(torch.float64), kl_bound,
-                            torch.as_tensor(thresholds[active], **as64), float(eta),
-                            torch.as_tensor(lambdas[active], **as64)))
+        return float(
+            dual_g(
+                q.to(torch.float64),
+                qc[index].to(torch.float64),
+                kl_bound,
+                torch.as_tensor(thresholds[active], **as64),
+                float(eta),
+                torch.as_tensor(lambdas[active], **as64),
+            )
+        )
 
 
 class DualProblem(CentredDual):
@@ -176,8 +212,9 @@ class DualProblem(CentredDual):
     q (B, K) and qc (m, B, K): float64 tensors of the active constraints; thresholds (m,).
     """
 
-    def __init__(self, q: torch.Tensor, qc: torch.Tensor, kl_bound: float,
-                 thresholds: np.ndarray) -> None:
+    def __init__(
+        self, q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray
+    ) -> None:
         (B, K), m = q.shape, qc.shape[0]
         self.q, self.qc = q, qc  # uncentred (for cvxpy)
         F = self.features = torch.empty((m + 2, K, B), dtype=q.dtype, device=q.device)
@@ -186,8 +223,9 @@ class DualProblem(CentredDual):
         super().__init__(B, K, kl_bound, thresholds, row_means.mean(dim=(1, 2)).tolist())
         F[1:] -= row_means
 
-    def evaluate(self, eta: float, lambdas: Sequence[float],
-                 reuse: DualEvaluation | None = None) -> DualEvaluation:
+    def evaluate(
+        self, eta: float, lambdas: Sequence[float], reuse: DualEvaluation | None = None
+    ) -> DualEvaluation:
         """g, grad g, Hessian of g and q (K, B) at (eta, lambdas), with one host copy."""
         lams, h, F = [float(v) for v in lambdas], self.m + 1, self.features
         z = F[h] / eta  # (K, B)  A~ / eta
@@ -200,8 +238,9 @@ class DualProblem(CentredDual):
         weighted = F * weights  # (h+1, K, B)
         means = weighted.sum(dim=1)  # (h+1, B)  E_{q_i}[F]
         # sum_i Cov_{q_i}(F_a, F_b) = sum_i E_{q_i}[F_a F_b] - sum_i E_{q_i}[F_a] E_{q_i}[F_b]
-        covariance = (weighted[:h].reshape(h, -1) @ F[:h].reshape(h, -1).T
-                      - means[:h] @ means[:h].T)  # (h, h)
+        covariance = (
+            weighted[:h].reshape(h, -1) @ F[:h].reshape(h, -1).T - means[:h] @ means[:h].T
+        )  # (h, h)
         host = torch.cat([means.sum(dim=1), covariance.reshape(-1)]).tolist()
         rows = [host[h + 1 + a * h : h + 1 + (a + 1) * h] for a in range(h)]
         return self.evaluation(eta, lams, host[: h + 1], rows, weights)
@@ -229,8 +268,14 @@ class DualProblem(CentredDual):
         return torch.tensor(value, dtype=dtype, device=self.q.device)
 
 
-def _newton_direction(gradient: list[float], hessian: list[list[float]], free: list[bool],
-                      x: list[float], lower: list[float], upper: list[float]) -> list[float]:
+def _newton_direction(
+    gradient: list[float],
+    hessian: list[list[float]],
+    free: list[bool],
+    x: list[float],
+    lower: list[float],
+    upper: list[float],
+) -> list[float]:
     """Newton direction d (step x - d) on the free coordinates, 0 on the bound-active ones.
 
     The reduced Hessian is scaled to unit diagonal (eta and lambda have different units)
@@ -248,17 +293,27 @@ def _newton_direction(gradient: list[float], hessian: list[list[float]], free: l
         direction[i] = step
     if curved:
         scale = [1.0 / math.sqrt(hessian[i][i]) for i in curved]
-        scaled = [[hessian[i][j] * s_i * s_j + (1e-12 if i == j else 0.0)
-                   for j, s_j in zip(curved, scale)] for i, s_i in zip(curved, scale)]
+        scaled = [
+            [
+                hessian[i][j] * s_i * s_j + (1e-12 if i == j else 0.0)
+                for j, s_j in zip(curved, scale)
+            ]
+            for i, s_i in zip(curved, scale)
+        ]
         rhs = [s * gradient[i] for i, s in zip(curved, scale)]
         for i, s, v in zip(curved, scale, solve_small(scaled, rhs)):
             direction[i] = s * v
     return direction
 
 
-def _solve_newton(problem: DualProblem | estep_fast.HostDualProblem, x0: Sequence[float],
-                  lower: list[float], upper: list[float], max_iter: int,
-                  tol: float) -> tuple[DualEvaluation, int, str]:
+def _solve_newton(
+    problem: DualProblem | estep_fast.HostDualProblem,
+    x0: Sequence[float],
+    lower: list[float],
+    upper: list[float],
+    max_iter: int,
+    tol: float,
+) -> tuple[DualEvaluation, int, str]:
     """Projected Newton (after Bertsekas 1982) with an Armijo search along the projection
     arc; returns the final evaluation, the Newton steps taken and the status."""
     bounds = list(zip(lower, upper))
@@ -267,14 +322,19 @@ def _solve_newton(problem: DualProblem | estep_fast.HostDualProblem, x0: Sequenc
     for iteration in range(max_iter):
         gradient = current.gradient
         # coordinates held at a bound that the gradient pushes outward stay fixed
-        free = [not ((v <= lo and g > 0) or (v >= up and g < 0))
-                for v, g, (lo, up) in zip(x, gradient, bounds)]
+        free = [
+            not ((v <= lo and g > 0) or (v >= up and g < 0))
+            for v, g, (lo, up) in zip(x, gradient, bounds)
+        ]
         direction = _newton_direction(gradient, current.hessian, free, x, lower, upper)
         decrement = dot(gradient, direction)  # Newton decrement^2 = 2 * predicted decrease
         # the scale of g~ = g - mean(Q), what a step can change (shift-invariant)
         eta = x[0]
-        scale = (abs(current.centred) + eta * problem.kl_bound
-                 + abs(dot(x[1:], problem.thresholds_centred)))
+        scale = (
+            abs(current.centred)
+            + eta * problem.kl_bound
+            + abs(dot(x[1:], problem.thresholds_centred))
+        )
         if decrement <= 2.0 * tol * scale or not any(direction):
             return current, iteration, STATUS_CONVERGED
         step, eta_direction = 1.0, direction[0]  # eta changes by at most _ETA_STEP_RATIO
@@ -285,8 +345,9 @@ def _solve_newton(problem: DualProblem | estep_fast.HostDualProblem, x0: Sequenc
                 step = (eta - eta * _ETA_STEP_RATIO) / eta_direction
         roundoff, sufficient = 1e-15 * scale, [_ARMIJO * g for g in gradient]
         while True:
-            x_next = [min(max(v - step * d, lo), up)
-                      for v, d, (lo, up) in zip(x, direction, bounds)]
+            x_next = [
+                min(max(v - step * d, lo), up) for v, d, (lo, up) in zip(x, direction, bounds)
+            ]
             trial = problem.evaluate(x_next[0], x_next[1:], reuse=spare)
             predicted = dot(sufficient, [a - b for a, b in zip(x_next, x)])
             if trial.centred <= current.centred + predicted + roundoff:
@@ -299,25 +360,35 @@ def _solve_newton(problem: DualProblem | estep_fast.HostDualProblem, x0: Sequenc
     return current, max_iter, STATUS_MAX_ITER
 
 
-def _build_problem(q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray,
-                   active: list[int]) -> tuple[DualProblem | estep_fast.HostDualProblem, Any]:
+def _build_problem(
+    q: torch.Tensor, qc: torch.Tensor, kl_bound: float, thresholds: np.ndarray, active: list[int]
+) -> tuple[DualProblem | estep_fast.HostDualProblem, Any]:
     """The dual over the ``active`` constraints (numpy for small CPU data, else torch), and
     all m of qc for its ``expected_costs`` (a host array, or a float64 tensor)."""
     m = qc.shape[0]
     if estep_fast.use_host(q):
         qc_all = host_array(qc)  # (m, B, K), a view of qc's data
         problem = estep_fast.HostDualProblem(
-            host_array(q), qc_all if len(active) == m else qc_all[active], kl_bound,
-            thresholds[active])
-        if not (problem.finite and (
-                len(active) == m or np.isfinite(np.delete(qc_all, active, axis=0)).all())):
+            host_array(q),
+            qc_all if len(active) == m else qc_all[active],
+            kl_bound,
+            thresholds[active],
+        )
+        if not (
+            problem.finite
+            and (len(active) == m or np.isfinite(np.delete(qc_all, active, axis=0)).all())
+        ):
             raise_if_non_finite(q, qc)
         return problem, qc_all
     qc_all = qc.detach().to(torch.float64)  # (m, B, K)
-    qc_active = qc_all if len(active) == m else qc_all[
-        torch.as_tensor(active, dtype=torch.long, device=qc.device)]
-    return DualProblem(q.detach().to(torch.float64), qc_active, kl_bound,
-                       thresholds[active]), qc_all
+    qc_active = (
+        qc_all
+        if len(active) == m
+        else qc_all[torch.as_tensor(active, dtype=torch.long, device=qc.device)]
+    )
+    return DualProblem(
+        q.detach().to(torch.float64), qc_active, kl_bound, thresholds[active]
+    ), qc_all
 
 
 def solve_dual(
@@ -365,8 +436,9 @@ def solve_dual(
             kl_bound <= 0, NaN thresholds, bad bounds or solver name.
     """
     start = time.perf_counter()
-    lambda_max, eta_min = check_options(solver, SOLVERS, lambda_max, eta_min, max_iter, tol,
-                                        cpu_threads)
+    lambda_max, eta_min = check_options(
+        solver, SOLVERS, lambda_max, eta_min, max_iter, tol, cpu_threads
+    )
     q, qc, kl_bound, thresholds = check_data(q, qc, kl_bound, thresholds, check_finite=False)
     m, host = qc.shape[0], estep_fast.use_host(q)
     if not host:  # host problems are checked while their data are converted
@@ -379,8 +451,15 @@ def solve_dual(
         used, fallback, message, backend_status, final = solver, False, "", "", None
         if solver == "cvxpy":
             x, iterations, backend_status, message = solve_cvxpy(
-                *problem.host_data(), kl_bound, problem.thresholds, eta_min, lambda_max,
-                cvxpy_solver, cvxpy_options, cvxpy_dpp)
+                *problem.host_data(),
+                kl_bound,
+                problem.thresholds,
+                eta_min,
+                lambda_max,
+                cvxpy_solver,
+                cvxpy_options,
+                cvxpy_dpp,
+            )
             if x is not None:
                 x = np.clip(x, lower, upper)
                 final, status = problem.evaluate(float(x[0]), x[1:]), STATUS_CONVERGED
@@ -401,17 +480,26 @@ def solve_dual(
         lambdas = [0.0] * m
         for k, lam in zip(active, final.lambdas):
             lambdas[k] = lam
-        expected_costs = (final.expected_costs if len(active) == m
-                          else problem.expected_costs(final.weights, qc_all))
+        expected_costs = (
+            final.expected_costs
+            if len(active) == m
+            else problem.expected_costs(final.weights, qc_all)
+        )
         result = EStepResult(
             eta=problem.to_tensor(final.eta, q.dtype),
             lambdas=problem.to_tensor(lambdas, q.dtype),
             weights=problem.weights_as(final.weights, q.dtype),
-            objective=float(final.objective), iterations=int(iterations), solve_time=0.0,
-            status=FALLBACK_PREFIX + status if fallback else status, solver=used,
-            fallback=fallback, kl=float(final.kl),
+            objective=float(final.objective),
+            iterations=int(iterations),
+            solve_time=0.0,
+            status=FALLBACK_PREFIX + status if fallback else status,
+            solver=used,
+            fallback=fallback,
+            kl=float(final.kl),
             expected_costs=problem.to_tensor(expected_costs, q.dtype),
-            infeasible_constraints=infeasible, backend_status=backend_status, message=message,
+            infeasible_constraints=infeasible,
+            backend_status=backend_status,
+            message=message,
         )
     result.solve_time = time.perf_counter() - start
     return result

@@ -107,9 +107,19 @@ def build_cvxpy_problem(B: int, K: int, m: int) -> CvxpyDualProblem:
     ]
     problem = cp.Problem(cp.Minimize(objective), constraints)
     entry = CvxpyDualProblem(
-        B=key[0], K=key[1], m=key[2], problem=problem, q=q, qc=qc, kl_bound=kl_bound,
-        thresholds=thresholds, eta_min=eta_min, lambda_max=lambda_max, eta=eta,
-        lambdas=lambdas, build_time=time.perf_counter() - start,
+        B=key[0],
+        K=key[1],
+        m=key[2],
+        problem=problem,
+        q=q,
+        qc=qc,
+        kl_bound=kl_bound,
+        thresholds=thresholds,
+        eta_min=eta_min,
+        lambda_max=lambda_max,
+        eta=eta,
+        lambdas=lambdas,
+        build_time=time.perf_counter() - start,
     )
     _CVXPY_CACHE[key] = entry
     return entry
@@ -120,8 +130,15 @@ def clear_cvxpy_cache() -> None:
     _CVXPY_CACHE.clear()
 
 
-def set_data(model: CvxpyDualProblem, q: np.ndarray, qc: np.ndarray, kl_bound: float,
-             thresholds: np.ndarray, eta_min: float, lambda_max: float) -> None:
+def set_data(
+    model: CvxpyDualProblem,
+    q: np.ndarray,
+    qc: np.ndarray,
+    kl_bound: float,
+    thresholds: np.ndarray,
+    eta_min: float,
+    lambda_max: float,
+) -> None:
     """Put one problem's data (q (B, K), qc (m, B, K) float64 arrays) into the model."""
     model.q.value = q
     for k in range(model.m):
@@ -179,7 +196,8 @@ def solve_cvxpy(
     note = "" if dpp else f"compiled without DPP (B*K = {B * K}); "
     try:
         model.problem.solve(
-            **{"solver": cvxpy_solver, "ignore_dpp": not dpp, **(solver_options or {})})
+            **{"solver": cvxpy_solver, "ignore_dpp": not dpp, **(solver_options or {})}
+        )
     except (cp.error.SolverError, ArithmeticError, ValueError) as err:
         return None, 0, type(err).__name__, f"{note}cvxpy/{cvxpy_solver} raised {err!r}"
     status = str(model.problem.status)

@@ -54,8 +54,9 @@ class CentredDual:
     (the K samples along the leading axis), and hand ``evaluation`` their q-weighted moments.
     """
 
-    def __init__(self, B: int, K: int, kl_bound: float, thresholds: np.ndarray,
-                 offsets: list[float]) -> None:
+    def __init__(
+        self, B: int, K: int, kl_bound: float, thresholds: np.ndarray, offsets: list[float]
+    ) -> None:
         self.B, self.K, self.m = B, K, len(offsets) - 1
         self.kl_bound = kl_bound
         self.thresholds = thresholds  # (m,) float64 eps_k of the active constraints
@@ -63,8 +64,14 @@ class CentredDual:
         *self.cost_offsets, self.objective_offset = offsets  # (m,) mean_ij Qc^k; mean_ij Q
         self.thresholds_centred = [t - c for t, c in zip(thresholds.tolist(), self.cost_offsets)]
 
-    def evaluation(self, eta: float, lams: list[float], means: list[float],
-                   covariance: list[list[float]], weights: Any) -> DualEvaluation:
+    def evaluation(
+        self,
+        eta: float,
+        lams: list[float],
+        means: list[float],
+        covariance: list[list[float]],
+        weights: Any,
+    ) -> DualEvaluation:
         """g, gradient and Hessian from sum_i E_{q_i}[F] (1+m+1,) and sum_i Cov_{q_i}(F[:1+m]).
 
         Since z_ij - log(K q_ij) = log((1/K) sum_j' exp z_ij') for every j, with z = A~/eta,
@@ -77,10 +84,16 @@ class CentredDual:
         eta_log_partition = mean_reward - dot(lams, mean_costs) - eta * kl
         centred = eta * self.kl_bound + dot(lams, self.thresholds_centred) + eta_log_partition
         return DualEvaluation(
-            eta=eta, lambdas=lams, objective=self.objective_offset + centred, centred=centred,
-            gradient=[self.kl_bound - kl,
-                      *(t - c for t, c in zip(self.thresholds_centred, mean_costs))],
-            hessian=hessian, kl=kl,
+            eta=eta,
+            lambdas=lams,
+            objective=self.objective_offset + centred,
+            centred=centred,
+            gradient=[
+                self.kl_bound - kl,
+                *(t - c for t, c in zip(self.thresholds_centred, mean_costs)),
+            ],
+            hessian=hessian,
+            kl=kl,
             expected_costs=[c + o for c, o in zip(mean_costs, self.cost_offsets)],
             weights=weights,
         )
@@ -172,8 +185,9 @@ def raise_if_non_finite(q: torch.Tensor, qc: torch.Tensor) -> None:
             )
 
 
-def check_data(q: Any, qc: Any, kl_bound: Any, thresholds: Any,
-               check_finite: bool) -> tuple[torch.Tensor, torch.Tensor, float, np.ndarray]:
+def check_data(
+    q: Any, qc: Any, kl_bound: Any, thresholds: Any, check_finite: bool
+) -> tuple[torch.Tensor, torch.Tensor, float, np.ndarray]:
     """Validated (q, qc (m, B, K), kl_bound, thresholds as a float64 array); q and qc are
     checked for NaN / inf only if ``check_finite`` (else the caller does it)."""
     if not isinstance(q, torch.Tensor) or q.dim() != 2 or q.shape[0] < 1 or q.shape[1] < 1:
@@ -187,7 +201,8 @@ def check_data(q: Any, qc: Any, kl_bound: Any, thresholds: Any,
     if not isinstance(qc, torch.Tensor) or qc.dim() != 3 or tuple(qc.shape[1:]) != (B, K):
         shape = tuple(qc.shape) if isinstance(qc, torch.Tensor) else type(qc).__name__
         raise ValueError(
-            f"qc must be a torch tensor of shape (m, B, K) = (m, {B}, {K}), got {shape}")
+            f"qc must be a torch tensor of shape (m, B, K) = (m, {B}, {K}), got {shape}"
+        )
     if qc.device != q.device:
         raise ValueError(f"q and qc must be on the same device, got {q.device} and {qc.device}")
     if check_finite:
@@ -208,8 +223,15 @@ def check_data(q: Any, qc: Any, kl_bound: Any, thresholds: Any,
     return q, qc, kl_bound, thresholds
 
 
-def check_options(solver: str, solvers: Sequence[str], lambda_max: Any, eta_min: Any,
-                  max_iter: Any, tol: Any, cpu_threads: Any) -> tuple[float, float]:
+def check_options(
+    solver: str,
+    solvers: Sequence[str],
+    lambda_max: Any,
+    eta_min: Any,
+    max_iter: Any,
+    tol: Any,
+    cpu_threads: Any,
+) -> tuple[float, float]:
     """Validate ``solve_dual``'s options; returns (lambda_max, eta_min) as floats."""
     if solver not in solvers:
         raise ValueError(f"solver must be one of {tuple(solvers)}, got {solver!r}")

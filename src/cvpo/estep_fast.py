@@ -78,8 +78,10 @@ class HostDualProblem(CentredDual):
 
     def host_data(self) -> tuple[np.ndarray, np.ndarray]:
         """(Q (B, K), Qc (m, B, K)) as float64 host arrays (for cvxpy)."""
-        return (np.ascontiguousarray(self.q, dtype=np.float64),
-                np.ascontiguousarray(self.qc, dtype=np.float64))
+        return (
+            np.ascontiguousarray(self.q, dtype=np.float64),
+            np.ascontiguousarray(self.qc, dtype=np.float64),
+        )
 
     def mean_row_variance(self) -> float:
         """(1/B) sum_i Var_uniform(Q_i) (for the cold-start eta)."""
@@ -105,8 +107,9 @@ class HostDualProblem(CentredDual):
             return torch.from_numpy(np.array(value, dtype=np.float64)).to(dtype)
         return torch.from_numpy(np.array(value, dtype=host_dtype))
 
-    def evaluate(self, eta: float, lambdas: Sequence[float] | np.ndarray,
-                 reuse: DualEvaluation | None = None) -> DualEvaluation:
+    def evaluate(
+        self, eta: float, lambdas: Sequence[float] | np.ndarray, reuse: DualEvaluation | None = None
+    ) -> DualEvaluation:
         """g, grad g, Hessian of g and q (K, B) at (eta, lambdas).
 
         ``reuse``: an earlier evaluation of this problem that is no longer needed; its
@@ -141,5 +144,6 @@ class HostDualProblem(CentredDual):
         products = np.multiply(weighted[:h, None], F[None, :h], out=self.products)
         covariance = _sum(products, axis=2)  # (h, h, B)
         covariance -= means[:h, None] * means[None, :h]
-        return self.evaluation(eta, lams, _sum(means, axis=1).tolist(),
-                               _sum(covariance, axis=2).tolist(), weights)
+        return self.evaluation(
+            eta, lams, _sum(means, axis=1).tolist(), _sum(covariance, axis=2).tolist(), weights
+        )

@@ -94,7 +94,9 @@ class LagrangeMultipliers:
         if not (math.isfinite(float(lr)) and float(lr) > 0):
             raise ValueError(f"lagrangian lr must be a finite number > 0, got {lr!r}")
         if int(episodes_per_update) != episodes_per_update or episodes_per_update < 1:
-            raise ValueError(f"episodes_per_update must be an integer >= 1, got {episodes_per_update!r}")
+            raise ValueError(
+                f"episodes_per_update must be an integer >= 1, got {episodes_per_update!r}"
+            )
         self.lr = float(lr)
         self.pid = None if pid is None else _check_gains(pid)
         self.episodes_per_update = int(episodes_per_update)
@@ -150,8 +152,9 @@ class LagrangeMultipliers:
             raise ValueError(f"episodic costs must be finite, got {J!r}")
         delta = np.where(self.active, J - np.where(self.active, self.limits, 0.0), 0.0)
         if self.pid is None:
-            self._raw = np.where(self.active, self._raw + self.lr * _sigmoid(self._raw) * delta,
-                                 self._raw)
+            self._raw = np.where(
+                self.active, self._raw + self.lr * _sigmoid(self._raw) * delta, self._raw
+            )
             self._lambda = np.where(self.active, softplus(self._raw), 0.0)
         else:
             kp, ki, kd = self.pid
@@ -186,7 +189,9 @@ class LagrangeMultipliers:
                 f"multiplier state has {len(state['lambda'])} constraints, this one {m}"
             )
         if state["mode"] != self.mode:
-            raise ValueError(f"multiplier state is of mode {state['mode']!r}, this one {self.mode!r}")
+            raise ValueError(
+                f"multiplier state is of mode {state['mode']!r}, this one {self.mode!r}"
+            )
         self._raw = np.asarray(state["raw"], dtype=np.float64)
         self._lambda = np.asarray(state["lambda"], dtype=np.float64)
         self.integral = np.asarray(state["integral"], dtype=np.float64)

@@ -121,10 +121,9 @@ def decoupled_kl_chol(
     whitened = torch.linalg.solve_triangular(L_old, diff, upper=False)  # (..., d, 1)
     kl_mu = 0.5 * whitened.pow(2).sum(dim=(-2, -1))  # (...,)
     transformed = torch.linalg.solve_triangular(L, L_old, upper=False)  # (..., d, d)
-    log_det_ratio = (
-        torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
-        - torch.diagonal(L_old, dim1=-2, dim2=-1).log().sum(-1)
-    )  # (...,)  1/2 log(det S / det S_old)
+    log_det_ratio = torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1) - torch.diagonal(
+        L_old, dim1=-2, dim2=-1
+    ).log().sum(-1)  # (...,)  1/2 log(det S / det S_old)
     kl_sigma = 0.5 * (transformed.pow(2).sum(dim=(-2, -1)) - d) + log_det_ratio  # (...,)
     return _reduce(kl_mu, reduce), _reduce(kl_sigma, reduce)
 
@@ -327,12 +326,16 @@ def _check_batch(actions: torch.Tensor, weights: torch.Tensor, mu: torch.Tensor)
         )
     if tuple(weights.shape) != tuple(actions.shape[:2]):
         raise ValueError(
-            f"weights must have shape (B, K) = {tuple(actions.shape[:2])}, got {tuple(weights.shape)}"
+            f"weights must have shape (B, K) = {tuple(actions.shape[:2])}, "
+            f"got {tuple(weights.shape)}"
         )
 
 
 def _stats(
-    loss: torch.Tensor, mle: torch.Tensor, kl_mu: torch.Tensor, kl_sigma: torch.Tensor,
+    loss: torch.Tensor,
+    mle: torch.Tensor,
+    kl_mu: torch.Tensor,
+    kl_sigma: torch.Tensor,
     trust_region: TrustRegion,
 ) -> dict[str, torch.Tensor]:
     return {

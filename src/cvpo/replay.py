@@ -22,7 +22,8 @@ with uniform sampling and an exact ``get_state``/``set_state``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -277,4 +278,3 @@ class NStepReplayBuffer:
 def discounted_sum(x: Sequence[float], gamma: float) -> float:
     """sum_j gamma**j x_j (used by tests and examples)."""
     return float(sum(v * gamma**j for j, v in enumerate(x))) if len(x) else 0.0
-

@@ -104,9 +104,19 @@ class TimingCorrection:
         return {"recent": [(g.tolist(), j.tolist()) for g, j in self._recent]}
 
     def set_state(self, state: dict) -> None:
-        self._recent = [(np.asarray(g, np.float64), np.asarray(j, np.float64)) for g, j in state["recent"]]
-        self.g_sum = np.sum([g for g, _ in self._recent], axis=0) if self._recent else np.zeros_like(self.g_sum)
-        self.j_sum = np.sum([j for _, j in self._recent], axis=0) if self._recent else np.zeros_like(self.j_sum)
+        self._recent = [
+            (np.asarray(g, np.float64), np.asarray(j, np.float64)) for g, j in state["recent"]
+        ]
+        self.g_sum = (
+            np.sum([g for g, _ in self._recent], axis=0)
+            if self._recent
+            else np.zeros_like(self.g_sum)
+        )
+        self.j_sum = (
+            np.sum([j for _, j in self._recent], axis=0)
+            if self._recent
+            else np.zeros_like(self.j_sum)
+        )
 
 
 class ThresholdFeedback:
@@ -115,7 +125,9 @@ class ThresholdFeedback:
     def __init__(self, cost_limits: Sequence[float], rate: float, kappa_range: Sequence[float]):
         lo, hi = (float(x) for x in kappa_range)
         if not (0.0 < lo <= 1.0 <= hi):
-            raise ValueError(f"kappa range must satisfy 0 < min <= 1 <= max, got {tuple(kappa_range)}")
+            raise ValueError(
+                f"kappa range must satisfy 0 < min <= 1 <= max, got {tuple(kappa_range)}"
+            )
         if not (math.isfinite(rate) and rate >= 0.0):
             raise ValueError(f"threshold feedback rate must be a finite number >= 0, got {rate!r}")
         self.limits = np.asarray([float(c) for c in cost_limits], dtype=np.float64)
@@ -154,7 +166,8 @@ class ThresholdFeedback:
         log_kappa = np.asarray(state["log_kappa"], dtype=np.float64)
         if log_kappa.shape != self.log_kappa.shape:
             raise ValueError(
-                f"threshold feedback state has {log_kappa.size} constraints, the config {self.log_kappa.size}"
+                f"threshold feedback state has {log_kappa.size} constraints, "
+                f"the config {self.log_kappa.size}"
             )
         self.log_kappa = log_kappa
         self.episodes = int(state.get("episodes", 0))

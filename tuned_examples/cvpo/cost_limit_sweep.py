@@ -27,19 +27,20 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 # What one trial of the full sweep asks for (as cost_limit_sweep.yaml; see
 # cluster/README.md): 15 single-CPU EnvRunners fit one cpu_rollout node (or
 # KubeRay pod), the learner takes the GPU node's only GPU, so the cluster runs
 # one trial at a time. Without a GPU the learner falls back to the CPU.
-CLUSTER_RESOURCES: Dict[str, Any] = {
+CLUSTER_RESOURCES: dict[str, Any] = {
     "num_env_runners": 15,
     "num_learners": 1,
     "num_gpus_per_learner": 1,
 }
 # Tiny networks and an early start of learning: checks the pipeline, learns nothing.
-SMOKE: Dict[str, Any] = {
+SMOKE: dict[str, Any] = {
     "num_env_runners": 0,
     "num_learners": 0,
     "num_gpus_per_learner": 0,
@@ -54,42 +55,81 @@ SMOKE: Dict[str, Any] = {
 }
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Sweep CVPO over cost limits (x seeds) with Ray Tune and write a report.",
         epilog="example (about a minute): %(prog)s --env cvpo/PointHazard-v0 --limits 2 10 "
         "--seeds 0 --stop-steps 600 --smoke --storage-path /tmp/sweeps",
     )
     p.add_argument("--env", default="SafetyPointGoal1-v0", help="env id (default %(default)s)")
-    p.add_argument("--limits", type=float, nargs="+", default=[10.0, 25.0, 50.0],
-                   help="episodic cost limits, one grid point each (default %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per limit (default %(default)s)")
-    p.add_argument("--stop-steps", type=int, default=1_000_000,
-                   help="stop each trial after this many sampled env steps (default %(default)s)")
-    p.add_argument("--num-env-runners", type=int, default=None,
-                   help=f"EnvRunners per trial (default {CLUSTER_RESOURCES['num_env_runners']}, "
-                   "or 0 with --smoke)")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny networks and warm-up: a fast check of the pipeline, no learning")
+    p.add_argument(
+        "--limits",
+        type=float,
+        nargs="+",
+        default=[10.0, 25.0, 50.0],
+        help="episodic cost limits, one grid point each (default %(default)s)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="seeds per limit (default %(default)s)",
+    )
+    p.add_argument(
+        "--stop-steps",
+        type=int,
+        default=1_000_000,
+        help="stop each trial after this many sampled env steps (default %(default)s)",
+    )
+    p.add_argument(
+        "--num-env-runners",
+        type=int,
+        default=None,
+        help=f"EnvRunners per trial (default {CLUSTER_RESOURCES['num_env_runners']}, "
+        "or 0 with --smoke)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny networks and warm-up: a fast check of the pipeline, no learning",
+    )
     p.add_argument("--config", default="{}", help="extra CVPOConfig keys as JSON")
-    p.add_argument("--max-concurrent-trials", type=int, default=None,
-                   help="trials at once (default 1: the cluster has one GPU, and pending "
-                   "trials would make the autoscaler start CPU nodes they cannot use yet; "
-                   "with --smoke: as many as fit)")
-    p.add_argument("--checkpoint-at-end", action="store_true",
-                   help="save each trial's final policy; on a multi-node cluster this needs a "
-                   "--storage-path every node can write (trials run on worker nodes)")
+    p.add_argument(
+        "--max-concurrent-trials",
+        type=int,
+        default=None,
+        help="trials at once (default 1: the cluster has one GPU, and pending "
+        "trials would make the autoscaler start CPU nodes they cannot use yet; "
+        "with --smoke: as many as fit)",
+    )
+    p.add_argument(
+        "--checkpoint-at-end",
+        action="store_true",
+        help="save each trial's final policy; on a multi-node cluster this needs a "
+        "--storage-path every node can write (trials run on worker nodes)",
+    )
     p.add_argument("--experiment-name", default="cvpo-cost-limit-sweep-py")
-    p.add_argument("--storage-path", default="~/ray_results",
-                   help="results go here: a folder, or a URI every node can write (s3://...); default %(default)s")
-    p.add_argument("--ray-address", default=None, help="join a running cluster (default: local Ray)")
+    p.add_argument(
+        "--storage-path",
+        default="~/ray_results",
+        help="results go here: a folder, or a URI every node can write (s3://...); "
+        "default %(default)s",
+    )
+    p.add_argument(
+        "--ray-address", default=None, help="join a running cluster (default: local Ray)"
+    )
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of the local Ray")
-    p.add_argument("--report-last", type=int, default=5,
-                   help="the report averages the last N iterations of each trial (default %(default)s)")
+    p.add_argument(
+        "--report-last",
+        type=int,
+        default=5,
+        help="the report averages the last N iterations of each trial (default %(default)s)",
+    )
     return p.parse_args(argv)
 
 
-def build_param_space(args: argparse.Namespace) -> Dict[str, Any]:
+def build_param_space(args: argparse.Namespace) -> dict[str, Any]:
     """Tune's param_space: a CVPOConfig as a dict, with grid searches over limits and seeds."""
     from ray import tune
 
@@ -138,7 +178,7 @@ def progress_printer():
     return _Progress()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     import ray
@@ -149,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     param_space = build_param_space(args)
     if not ray.is_initialized():
-        kwargs: Dict[str, Any] = {"log_to_driver": False}
+        kwargs: dict[str, Any] = {"log_to_driver": False}
         if args.ray_address:
             kwargs["address"] = args.ray_address
         else:
@@ -178,7 +218,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ),
     )
     results = tuner.fit()
-    failed: List[str] = [os.path.basename(r.path) for r in results if r.error]
+    failed: list[str] = [os.path.basename(r.path) for r in results if r.error]
     for name in failed:
         print(f"trial {name} failed; see its error.txt", flush=True)
 

@@ -49,14 +49,18 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
     @override(ConstrainedTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
         module = self._module[module_id]
-        self.register_adam(module_id, "critic", self.get_parameters(module.critics),
-                           config.critic_lr)
-        self.register_adam(module_id, "actor", self.get_parameters(module.actor),
-                           config.actor_lr)
+        self.register_adam(
+            module_id, "critic", self.get_parameters(module.critics), config.critic_lr
+        )
+        self.register_adam(module_id, "actor", self.get_parameters(module.actor), config.actor_lr)
 
     @override(Learner)
     def compute_loss_for_module(
-        self, *, module_id: ModuleID, config, batch: dict[str, Any],
+        self,
+        *,
+        module_id: ModuleID,
+        config,
+        batch: dict[str, Any],
         fwd_out: dict[str, TensorType],
     ) -> TensorType:
         module = self.module[module_id].unwrapped()
@@ -75,28 +79,45 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
         critic_loss = mse_r.sum() + mse_c.sum()
         # 3. E-step: the non-parametric q over K actions from pi_old (exact convex dual)
         dual = estep.solve_dual(
-            old[Q_SAMPLED], old[QC_SAMPLED], config.estep_kl, self.step_thresholds(module_id),
-            solver=config.estep_solver, init=self._dual[module_id],
+            old[Q_SAMPLED],
+            old[QC_SAMPLED],
+            config.estep_kl,
+            self.step_thresholds(module_id),
+            solver=config.estep_solver,
+            init=self._dual[module_id],
             lambda_max=config.estep_lambda_max,
         )
         # 4. M-step: weighted maximum likelihood inside the decoupled KL trust region
         mstep = mstep_loss_chol if module.full_covariance else mstep_loss
         actor_loss, stats = mstep(
-            fwd_out[ACTOR_MEAN], fwd_out[ACTOR_SCALE], old[OLD_MEAN], old[OLD_SCALE],
-            old[SAMPLED_ACTIONS], dual.weights, self._trust[module_id],
+            fwd_out[ACTOR_MEAN],
+            fwd_out[ACTOR_SCALE],
+            old[OLD_MEAN],
+            old[OLD_SCALE],
+            old[SAMPLED_ACTIONS],
+            dual.weights,
+            self._trust[module_id],
         )
         total = critic_loss + actor_loss
 
         if self.finish_update(module_id, total):
             self.accept_update(module_id, dual, stats["kl_mu"], stats["kl_sigma"])
         self.record_dual(module_id, dual)
-        self.record_metrics(module_id, {
-            M.QC_MEAN_PREFIX: old[QC_SAMPLED].mean(dim=(1, 2)),
-            M.Q_MEAN: old[Q_SAMPLED].mean(),
-            M.KL_MU: stats["kl_mu"], M.KL_SIGMA: stats["kl_sigma"], M.MLE_LOSS: stats["mle"],
-            M.REWARD_CRITIC_LOSS: mse_r.mean(), M.COST_CRITIC_LOSS: mse_c.mean(),
-        }, host={
-            M.ESTEP_SOLVE_TIME_S: dual.solve_time, M.ESTEP_CRITIC_EVAL_TIME_S: target_pass_s,
-            M.ESTEP_ITERATIONS: float(dual.iterations),
-        })
+        self.record_metrics(
+            module_id,
+            {
+                M.QC_MEAN_PREFIX: old[QC_SAMPLED].mean(dim=(1, 2)),
+                M.Q_MEAN: old[Q_SAMPLED].mean(),
+                M.KL_MU: stats["kl_mu"],
+                M.KL_SIGMA: stats["kl_sigma"],
+                M.MLE_LOSS: stats["mle"],
+                M.REWARD_CRITIC_LOSS: mse_r.mean(),
+                M.COST_CRITIC_LOSS: mse_c.mean(),
+            },
+            host={
+                M.ESTEP_SOLVE_TIME_S: dual.solve_time,
+                M.ESTEP_CRITIC_EVAL_TIME_S: target_pass_s,
+                M.ESTEP_ITERATIONS: float(dual.iterations),
+            },
+        )
         return total

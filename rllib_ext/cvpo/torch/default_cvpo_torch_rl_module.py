@@ -51,6 +51,7 @@ QC_SAMPLED = "qc_sampled"  # (m, B, K) reduced cost value per constraint
 V_NEXT = "v_next"  # (B,) reward bootstrap at s'
 VC_NEXT = "vc_next"  # (m, B) cost bootstrap at s'
 
+
 def reduce_members(q: torch.Tensor, how: str, dim: int) -> torch.Tensor:
     """Combines critic ensemble members along ``dim``: "min", "max" or "mean"."""
     if how == "min":
@@ -67,8 +68,10 @@ def sample_gaussian(
 
     ``scale`` is the std (B, d) (Sigma diagonal) or a Cholesky factor L (B, d, d)."""
     eps = torch.randn(
-        (mean.shape[0], k, mean.shape[-1]), generator=generator,
-        device=mean.device, dtype=mean.dtype,
+        (mean.shape[0], k, mean.shape[-1]),
+        generator=generator,
+        device=mean.device,
+        dtype=mean.dtype,
     )
     if scale.dim() == mean.dim():
         return mean.unsqueeze(1) + scale.unsqueeze(1) * eps
@@ -90,8 +93,11 @@ class DefaultCVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI
         self.act_dim = int(np.prod(self.action_space.shape))
         self.full_covariance = get("actor_covariance") == "full"
         self.actor = GaussianActor(
-            self.obs_dim, self.act_dim, hidden=tuple(get("actor_hiddens")),
-            std_min=float(get("std_min")), std_max=float(get("std_max")),
+            self.obs_dim,
+            self.act_dim,
+            hidden=tuple(get("actor_hiddens")),
+            std_min=float(get("std_min")),
+            std_max=float(get("std_max")),
             cholesky=self.full_covariance,
         )
         if self.inference_only:
@@ -110,8 +116,10 @@ class DefaultCVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI
         )
         # the action bounds the critics see (sampled actions are clamped to them); buffers
         # (not saved) so they follow .to(device)
-        for name, bound in (("action_low", self.action_space.low),
-                            ("action_high", self.action_space.high)):
+        for name, bound in (
+            ("action_low", self.action_space.low),
+            ("action_high", self.action_space.high),
+        ):
             flat = np.array(bound, dtype=np.float32).reshape(-1)
             self.register_buffer(name, torch.from_numpy(flat), persistent=False)
 
@@ -152,14 +160,20 @@ class DefaultCVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI
             # raise; neutralise them here (no host sync): the critic loss of the same
             # rows is non-finite too, so the learner skips the whole update.
             return {
-                OLD_MEAN: mean, OLD_SCALE: scale, SAMPLED_ACTIONS: sampled,
+                OLD_MEAN: mean,
+                OLD_SCALE: scale,
+                SAMPLED_ACTIONS: sampled,
                 Q_SAMPLED: torch.nan_to_num(q, nan=0.0, posinf=0.0, neginf=0.0),
                 QC_SAMPLED: torch.nan_to_num(qc, nan=0.0, posinf=0.0, neginf=0.0),
-                V_NEXT: v_next.mean(-1), VC_NEXT: vc_next.mean(-1),
+                V_NEXT: v_next.mean(-1),
+                VC_NEXT: vc_next.mean(-1),
             }
 
     def q_values(
-        self, critics: CriticEnsemble, obs: torch.Tensor, actions: torch.Tensor,
+        self,
+        critics: CriticEnsemble,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
         cost_reduction: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reward and cost values of action sets from one batched critic pass.
@@ -203,8 +217,12 @@ class DefaultCVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI
         mean, scale = self.actor(obs)
         q_all = self.critics(obs, batch[Columns.ACTIONS].reshape(obs.shape[0], -1).float())
         E, m, Ec = self.num_reward_critics, self.num_constraints, self.num_cost_critics
-        return {ACTOR_MEAN: mean, ACTOR_SCALE: scale, Q_REWARD: q_all[:E],
-                Q_COST: q_all[E:].reshape(m, Ec, -1)}
+        return {
+            ACTOR_MEAN: mean,
+            ACTOR_SCALE: scale,
+            Q_REWARD: q_all[:E],
+            Q_COST: q_all[E:].reshape(m, Ec, -1),
+        }
 
     # The module returns actions itself (a full covariance has no RLlib distribution).
     @override(RLModule)

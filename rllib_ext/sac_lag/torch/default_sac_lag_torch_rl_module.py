@@ -26,7 +26,7 @@ exists there and only the actor's weights travel on weight syncs.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -106,15 +106,15 @@ class DefaultSACLagTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkA
         self.target_critics = make_target_network(self.critics)
 
     @override(TargetNetworkAPI)
-    def get_target_network_pairs(self) -> List[Tuple[torch.nn.Module, torch.nn.Module]]:
+    def get_target_network_pairs(self) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
         return [(self.critics, self.target_critics)]
 
     @override(TargetNetworkAPI)
-    def forward_target(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+    def forward_target(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {}  # the learner calls the target critics directly
 
     @override(InferenceOnlyAPI)
-    def get_non_inference_attributes(self) -> List[str]:
+    def get_non_inference_attributes(self) -> list[str]:
         return ["critics", "target_critics", "log_alpha"]
 
     # -- the squashed Gaussian ---------------------------------------------------------
@@ -124,8 +124,8 @@ class DefaultSACLagTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkA
 
     @staticmethod
     def squashed_sample(
-        mean: torch.Tensor, std: torch.Tensor, generator: Optional[torch.Generator] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reparameterised sample: (tanh(u) in [-1, 1]^d, its log-probability (...,)).
 
         ``u = mean + std * eps``; log pi = sum_i [log N(u_i; mean_i, std_i)
@@ -152,17 +152,17 @@ class DefaultSACLagTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkA
         return self.squash(u).reshape(obs.shape[0], *self.action_space.shape)
 
     @override(TorchRLModule)
-    def _forward_inference(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+    def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
             return {Columns.ACTIONS: self._actions(batch[Columns.OBS], explore=False)}
 
     @override(TorchRLModule)
-    def _forward_exploration(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+    def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         with torch.no_grad():
             return {Columns.ACTIONS: self._actions(batch[Columns.OBS], explore=True)}
 
     @override(RLModule)
-    def _forward_train(self, batch: Dict[str, Any], **kwargs) -> Dict[str, Any]:
+    def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         mean, std = self.actor(self._flat(batch[Columns.OBS]))
         return {ACTOR_MEAN: mean, ACTOR_STD: std}
 

@@ -54,8 +54,9 @@ class SACLagTorchLearner(ConstrainedTorchLearner):
     @override(ConstrainedTorchLearner)
     def configure_optimizers_for_module(self, module_id: ModuleID, config=None) -> None:
         module = self._module[module_id]
-        self.register_adam(module_id, "critic", self.get_parameters(module.critics),
-                           config.critic_lr)
+        self.register_adam(
+            module_id, "critic", self.get_parameters(module.critics), config.critic_lr
+        )
         self.register_adam(module_id, "actor", self.get_parameters(module.actor), config.actor_lr)
         self.register_adam(module_id, "alpha", [module.log_alpha], config.alpha_lr)
 
@@ -80,7 +81,11 @@ class SACLagTorchLearner(ConstrainedTorchLearner):
     # -- the update -------------------------------------------------------------------
     @override(Learner)
     def compute_loss_for_module(
-        self, *, module_id: ModuleID, config, batch: dict[str, Any],
+        self,
+        *,
+        module_id: ModuleID,
+        config,
+        batch: dict[str, Any],
         fwd_out: dict[str, TensorType],
     ) -> TensorType:
         module = self.module[module_id].unwrapped()
@@ -132,13 +137,19 @@ class SACLagTorchLearner(ConstrainedTorchLearner):
 
         total = critic_loss + actor_loss + alpha_loss
         self.finish_update(module_id, total)
-        self.record_metrics(module_id, {
-            M.REWARD_CRITIC_LOSS: mse_r.mean(), M.Q_MEAN: q_pred[:E].mean(),
-            M.ACTOR_LOSS: actor_loss, M.ENTROPY_ALPHA_LOSS: alpha_loss,
-            M.POLICY_ENTROPY: -logp.mean(), M.ENTROPY_ALPHA: alpha,
-            M.QC_MEAN_PREFIX: q_pred[E:].reshape(m, Ec, B).mean(dim=(1, 2)),
-            M.COST_CRITIC_LOSS: mse_c.mean(),
-        })
+        self.record_metrics(
+            module_id,
+            {
+                M.REWARD_CRITIC_LOSS: mse_r.mean(),
+                M.Q_MEAN: q_pred[:E].mean(),
+                M.ACTOR_LOSS: actor_loss,
+                M.ENTROPY_ALPHA_LOSS: alpha_loss,
+                M.POLICY_ENTROPY: -logp.mean(),
+                M.ENTROPY_ALPHA: alpha,
+                M.QC_MEAN_PREFIX: q_pred[E:].reshape(m, Ec, B).mean(dim=(1, 2)),
+                M.COST_CRITIC_LOSS: mse_c.mean(),
+            },
+        )
         return total
 
     def _log_learner_call(self, module_id: ModuleID) -> None:

@@ -62,7 +62,8 @@ import sys
 import threading
 import types
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 OFFSCREEN_BACKENDS = ("egl", "osmesa")
 # Backends gymnasium's OffScreenViewer knows; glfw needs a display.
@@ -219,7 +220,9 @@ def probe_backend(backend: str, timeout: float = PROBE_TIMEOUT_S) -> tuple[bool,
         if cached is not None:
             return cached
         if backend in _GL_LIBRARIES and not gl_libraries_loadable(backend):
-            names = " and ".join("/".join(f"lib{n}" for n in group) for group in _GL_LIBRARIES[backend])
+            names = " and ".join(
+                "/".join(f"lib{n}" for n in group) for group in _GL_LIBRARIES[backend]
+            )
             result = (False, f"{names} not found; `apt-get install {_APT_PACKAGE[backend]}`")
         else:
             env = dict(os.environ, MUJOCO_GL=backend)
