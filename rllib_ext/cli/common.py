@@ -75,3 +75,6 @@ def init_ray(args) -> None:
             kwargs["num_gpus"] = args.ray_num_gpus
         kwargs["include_dashboard"] = False
     ray.init(**kwargs)
+    import rllib_ext
+
+    rllib_ext.register()  # Tune's registry is per Ray session

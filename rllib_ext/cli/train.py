@@ -149,10 +149,11 @@ def check_env(env: str | None, env_config: dict[str, Any]) -> None:
     if not env:
         raise CLIError("no env given: pass --env SafetyPointGoal1-v0 (or cvpo/PointHazard-v0)")
     from cvpo import envs as cvpo_envs
+    from cvpo.defaults import DEFAULT_COST_KEY
     from rllib_ext.envs import probe_env
 
     try:
-        probe_env(env, dict(env_config), ["cost"])
+        probe_env(env, dict(env_config), [DEFAULT_COST_KEY])
     except (
         cvpo_envs.UnknownEnvError,
         cvpo_envs.UnsupportedEnvError,

@@ -201,7 +201,9 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
     # -- derived values -----------------------------------------------------------------
     @property
     def constraint_names(self) -> list[str]:
-        return list(self.cost_keys) if self.cost_keys else ["cost"]
+        from cvpo.constraints import constraint_names
+
+        return constraint_names(self.cost_keys)
 
     @property
     def cost_limits(self) -> list[float]:

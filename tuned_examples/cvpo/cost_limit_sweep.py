@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    import rllib_ext  # noqa: F401  (registers "CVPO" and the envs with Tune)
+    import rllib_ext  # registers "CVPO" and the envs with Tune
     from rllib_ext.cli.report import write_report
 
     param_space = build_param_space(args)
@@ -197,6 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.ray_num_cpus is not None:
                 kwargs["num_cpus"] = args.ray_num_cpus
         ray.init(**kwargs)
+        rllib_ext.register()  # Tune's registry is per Ray session
 
     storage = args.storage_path
     if "://" not in storage:  # keep s3://, gs://, ... URIs as they are
