@@ -404,6 +404,9 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
     if not records:
         lines.append("| (no runs recorded yet) |" + " |" * (len(COLUMNS) - 1))
     lines += ["", "## Targets", ""] + (target_lines(records) or ["(no runs recorded yet)"])
+    comparison = comparison_lines(records)
+    if comparison:
+        lines += ["", "## CVPO against SACLag", ""] + comparison
     tasks = sorted({r["task"] for r in records})
     if tasks:
         lines += ["", "## Curves", ""]
@@ -427,6 +430,46 @@ def write_results(results_dir: Path = RESULTS_DIR, out: Path = RESULTS_MD) -> Pa
     if out.resolve() == DEFAULT_RESULTS_MD:  # the project's own file: also the README's table
         update_readme(records)
     return out
+
+
+def comparison_lines(records: list[dict[str, Any]], reference: str = "CVPO") -> list[str]:
+    """Per task that has ``reference`` and another algorithm at the same env-step budget: the
+    mean final numbers side by side and what they show (limit met or not, which returns more).
+    """
+    lines = []
+    by_task: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        by_task.setdefault((r["task"], r["env_steps"]), {}).setdefault(r["algo"], []).append(r)
+    for (task, steps), algos in sorted(by_task.items()):
+        if reference not in algos or len(algos) < 2:
+            continue
+        limit = algos[reference][0].get("cost_limit")
+
+        def mean(rs, key):
+            return float(np.mean([r[key] for r in rs]))
+
+        parts, feasible = [], []
+        for algo in [reference] + sorted(a for a in algos if a != reference):
+            rs = algos[algo]
+            ret, cost = mean(rs, "final_return"), mean(rs, "final_cost")
+            parts.append(f"{algo} {ret:.2f} at cost {cost:.2f}")
+            if limit is not None and cost <= limit:
+                feasible.append(algo)
+        seeds = sorted({len(rs) for rs in algos.values()})
+        seeds_text = "/".join(str(n) for n in seeds)
+        limit_text = f"limit {limit:g}" if limit is not None else "no limit recorded"
+        verdict = (
+            f"within the limit: {', '.join(feasible)}" if feasible else "neither meets the limit"
+        )
+        for other in sorted(a for a in algos if a != reference):
+            d_ret = mean(algos[reference], "final_return") - mean(algos[other], "final_return")
+            d_cost = mean(algos[reference], "final_cost") - mean(algos[other], "final_cost")
+            verdict += f"; {reference} vs {other}: return {d_ret:+.2f}, cost {d_cost:+.2f}"
+        lines.append(
+            f"- {task}, {seeds_text} seed(s), {_cell(steps)} env steps, final return "
+            f"(mean over seeds): {'; '.join(parts)} ({limit_text}); {verdict}."
+        )
+    return lines
 
 
 def summary_table(records: list[dict[str, Any]]) -> list[str]:
@@ -470,6 +513,9 @@ def update_readme(records: list[dict[str, Any]], readme: Path = README) -> bool:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     body = summary_table(records) if records else ["(no runs recorded yet)"]
+    comparison = comparison_lines(records)
+    if comparison:
+        body += ["", "CVPO against the primal-dual baseline at the same budget:", ""] + comparison
     block = (
         README_START
         + " (written by make results; do not edit) -->\n"

@@ -126,3 +126,32 @@ def test_readme_block_is_rewritten_from_the_records(tmp_path):
         "| 0.0100 (0.0100..0.0100) |" in text
     )
     assert not reproduce.update_readme(recs, tmp_path / "missing.md")
+
+
+def test_comparison_states_limits_and_differences_from_the_records():
+    def rec(algo, seed, ret, cost, steps=500_000, task="T"):
+        return {
+            "task": task,
+            "algo": algo,
+            "seed": seed,
+            "env_steps": steps,
+            "cost_limit": 25.0,
+            "final_return": ret,
+            "final_cost": cost,
+        }
+
+    records = [
+        rec("CVPO", 0, 10.0, 20.0),
+        rec("CVPO", 1, 12.0, 30.0),
+        rec("SACLag", 0, 4.0, 60.0),
+        rec("CVPO", 0, 1.0, 1.0, task="U"),
+        rec("SACLag", 0, 9.0, 99.0, steps=10),
+    ]
+    lines = reproduce.comparison_lines(records)
+    assert lines == [
+        "- T, 1/2 seed(s), 500,000 env steps, final return (mean over seeds): CVPO 11.00 at cost "
+        "25.00; SACLag 4.00 at cost 60.00 (limit 25); within the limit: CVPO; CVPO vs SACLag: "
+        "return +7.00, cost -35.00."
+    ]  # task U has no second algorithm at CVPO's budget: no line
+    worse = reproduce.comparison_lines([rec("CVPO", 0, 1.0, 40.0), rec("SACLag", 0, 5.0, 30.0)])
+    assert "neither meets the limit; CVPO vs SACLag: return -4.00, cost +10.00." in worse[0]
