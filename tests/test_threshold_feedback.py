@@ -149,7 +149,7 @@ def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoint
         )
         np.testing.assert_allclose(algo.step_thresholds(), eps)
         learner = algo.learner_group._learner
-        np.testing.assert_allclose(learner._thresholds("default_policy", algo.config), eps)
+        np.testing.assert_allclose(learner.step_thresholds("default_policy"), eps)
         path = algo.save_to_path(str(tmp_path / "ckpt"))
     finally:
         algo.stop()
@@ -157,6 +157,6 @@ def test_cvpo_adapts_the_learner_threshold_from_finished_episodes_and_checkpoint
     try:
         np.testing.assert_allclose(restored.step_thresholds(), eps)
         learner = restored.learner_group._learner
-        np.testing.assert_allclose(learner._thresholds("default_policy", restored.config), eps)
+        np.testing.assert_allclose(learner.step_thresholds("default_policy"), eps)
     finally:
         restored.stop()
