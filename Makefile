@@ -14,7 +14,7 @@ STAMP := $(VENV)/.installed
 # overlap well on 2 cores; --dist loadfile keeps each file in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install test test-fast lint format train reproduce results bench clean
+.PHONY: install test test-fast lint format train reproduce results bench bench-fsrl bench-scaling clean
 
 # `make train`: CVPO on SafetyPointGoal1-v0 with local Ray and all local cores,
 # about 10 minutes here; progress every iteration, a checkpoint and a PNG.
@@ -70,6 +70,20 @@ bench: $(STAMP)
 	$(PY) benchmarks/learner.py --reward-critics 2 --threads 1
 	$(PY) benchmarks/learner.py
 	$(PY) benchmarks/throughput.py --quick
+
+# `make bench-fsrl [BENCH_FSRL_ARGS=--quick]`: FSRL's CVPO (the reference, in its own venv
+# .bench/fsrl-venv, built from FSRL_BENCH_DIR/install.sh on first use) and ours, learner and
+# end to end, alternately in one run; the last line is JSON with the ratios (ours / FSRL).
+FSRL_BENCH_DIR ?= ../shared/bench/fsrl
+BENCH_FSRL_ARGS ?=
+bench-fsrl: $(STAMP)
+	$(PY) benchmarks/vs_fsrl.py --fsrl-dir $(FSRL_BENCH_DIR) $(BENCH_FSRL_ARGS)
+
+# `make bench-scaling`: measures the scaling model's inputs here, checks it at N = 1, 2 and
+# rewrites its block in docs/performance.md (N = 8, 32, 128, CPU and GPU learner).
+BENCH_SCALING_ARGS ?=
+bench-scaling: $(STAMP)
+	$(PY) benchmarks/scaling_model.py --measure --write docs/performance.md $(BENCH_SCALING_ARGS)
 
 LINT_PATHS = src rllib_ext tests benchmarks cluster tuned_examples
 # `make lint` checks what `make format` writes (pyproject.toml: line length 100, pyupgrade);

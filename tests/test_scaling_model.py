@@ -34,10 +34,10 @@ def test_sampling_binds_below_the_learner_capacity_and_the_learner_above():
 
 
 def test_driver_costs_lower_the_learner_capacity():
-    # c = 1 ms per env step; sync 8 ms + 1 ms per runner per call of 8 updates
-    inp = sm.Inputs(100.0, 50.0, 1e-3, sync_s_per_call=8e-3, sync_s_per_runner=1e-3)
+    # c = 1 ms per env step; a sync of 8 ms + 1 ms per runner per chunk of 400 env steps
+    inp = sm.Inputs(100.0, 50.0, 1e-3, sync_s_fixed=8e-3, sync_s_per_runner=1e-3)
     n = 4
-    driver_s = 0.2 / 50.0 + 1e-3 + 0.2 / 8 * (8e-3 + n * 1e-3)
+    driver_s = 0.2 / 50.0 + 1e-3 + (8e-3 + n * 1e-3) / 400
     p = sm.predict(inp, n, ratio=0.2)
     assert p["bounds"]["learner"] == pytest.approx(1.0 / driver_s)
     assert p["env_steps_per_s"] == pytest.approx(1.0 / driver_s)
