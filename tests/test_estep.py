@@ -545,7 +545,6 @@ def test_second_cvxpy_solve_does_not_recompile():
     first = solve_dual(q, qc, kl_bound, thresholds, solver="cvxpy")
     model = build_cvxpy_problem(16, 8, 1)
     param_prog, chain = model.problem._cache.param_prog, model.problem._cache.solving_chain
-    first_compile = model.problem.compilation_time
     assert param_prog is not None
 
     q2, qc2, _, _ = random_problem(np.random.default_rng(1), 16, 8, 1, "active")
@@ -554,8 +553,7 @@ def test_second_cvxpy_solve_does_not_recompile():
     # and no new parametrized program (a recompile replaces both objects).
     assert model.problem._cache.param_prog is param_prog
     assert model.problem._cache.solving_chain is chain
-    assert model.solves == 2
-    assert model.problem.compilation_time < first_compile
+    assert model.solves == 2  # (no timing assertion: the object identities above decide)
     assert first.status == second.status == STATUS_CONVERGED
     assert second.objective == pytest.approx(
         solve_dual(q2, qc2, kl_bound, thresholds).objective, rel=1e-6
