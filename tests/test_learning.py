@@ -13,9 +13,9 @@ History (docs/constraint.md): with the paper's even-spread threshold and one
 cost critic this run ended at cost ~6.0-6.9 (the test then allowed 7.5); the
 hazard is crossed early in the episode, where the state-averaged discounted Q_c
 that the E-step bounds counts it less, and the single cost critic
-underestimated the chosen actions' cost by ~10 %. The measured-timing
-threshold (the default) and pessimistic cost critics (the max of two, set
-here) end it at ~4.1.
+underestimated the chosen actions' cost by ~10 %. The test runs the defaults:
+the measured-timing threshold with the episodic-cost feedback and one cost
+critic (docs/algorithm.md#per-step-threshold).
 """
 
 import math
