@@ -34,26 +34,10 @@ def test_samples_have_the_cholesky_covariance():
 
 
 def hazard_config(covariance: str) -> CVPOConfig:
-    return (
-        CVPOConfig()
-        .environment(POINT_HAZARD_ID)
-        .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
-        .training(
-            cost_limit=math.inf,
-            gamma=0.95,
-            actor_covariance=covariance,
-            num_sampled_actions=16,
-            num_target_actions=4,
-            actor_hiddens=[64, 64],
-            critic_hiddens=[64, 64],
-            train_batch_size_per_learner=128,
-            num_steps_sampled_before_learning_starts=1000,
-            training_intensity=0.25,
-            updates_per_learner_call=16,
-            learner_torch_threads=1,
-        )
-        .debugging(seed=0)
-    )
+    """The learning test's run on the tiny task, without a constraint."""
+    from test_learning import learning_config
+
+    return learning_config(math.inf, actor_covariance=covariance)
 
 
 @pytest.mark.slow

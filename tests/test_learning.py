@@ -34,26 +34,32 @@ EVAL_SEED = 1000
 ITERATIONS = {"constrained": 30, "unconstrained": 16}  # x 1000 env steps
 
 
-def train_and_evaluate(cost_limit: float, iterations: int) -> dict:
-    cfg = (
+def learning_config(cost_limit: float, **training) -> CVPOConfig:
+    """The tiny task's learning run (also tests/test_full_covariance.py's)."""
+    keys = dict(
+        cost_limit=cost_limit,
+        gamma=0.95,
+        num_sampled_actions=16,
+        num_target_actions=4,
+        actor_hiddens=[64, 64],
+        critic_hiddens=[64, 64],
+        train_batch_size_per_learner=128,
+        num_steps_sampled_before_learning_starts=1000,
+        training_intensity=0.25,
+        updates_per_learner_call=16,
+        learner_torch_threads=1,
+    )
+    return (
         CVPOConfig()
         .environment(POINT_HAZARD_ID)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
-        .training(
-            cost_limit=cost_limit,
-            gamma=0.95,
-            num_sampled_actions=16,
-            num_target_actions=4,
-            actor_hiddens=[64, 64],
-            critic_hiddens=[64, 64],
-            train_batch_size_per_learner=128,
-            num_steps_sampled_before_learning_starts=1000,
-            training_intensity=0.25,
-            updates_per_learner_call=16,
-            learner_torch_threads=1,
-        )
+        .training(**(keys | training))
         .debugging(seed=0)
     )
+
+
+def train_and_evaluate(cost_limit: float, iterations: int) -> dict:
+    cfg = learning_config(cost_limit)
     algo = cfg.build_algo()
     try:
         for _ in range(iterations):
