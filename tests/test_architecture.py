@@ -209,7 +209,7 @@ def test_ruff_passes(command):
     import sys
 
     ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
-    if ruff is None:
-        pytest.skip("ruff is not installed (it comes with the [test] extra)")
+    # ruff comes with the [test] extra, like pytest itself: `make install` always has it
+    assert ruff is not None, "ruff is missing: run `make install` (the [test] extra)"
     out = subprocess.run([ruff, *command, *LINT_PATHS], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
