@@ -24,6 +24,17 @@ deterministic (evaluation) episodes, and prints JSON with:
 task (limit 5, 30 x 1000 steps, seed 0) once per threshold / cost-critic
 setting, diagnoses each final policy and writes the table.
 
+``--critic-tracking LOG [LOG ...]`` reads per-iteration logs of Safety-Gymnasium
+runs (``progress.jsonl`` of ``make reproduce``; copies in docs/measurements) and
+compares, per window of iterations, the learner's mean cost critic over replayed
+pairs (``qc_mean``) with the cost the training episodes paid in that window,
+as a discounted cost to go: ``rate / (1 - gamma)`` (the mean discounted cost to
+go of cost spread evenly, which the measured-timing factor of 1.03-1.05 on
+PointGoal1 supports), and with the E-step's step threshold:
+
+  .venv/bin/python benchmarks/constraint_diagnosis.py --critic-tracking \
+      docs/measurements/pointgoal1_*.jsonl --write docs/constraint_critic_tracking.md
+
 See docs/constraint.md for the measurements and what was changed.
 """
 
@@ -249,6 +260,92 @@ def tiny_ablation(write: str | None, episodes: int) -> list:
     return rows
 
 
+def _first(row: dict, *keys: str):
+    for k in keys:
+        if k in row:
+            return row[k]
+    return None
+
+
+def _cumulative_cost(row: dict, steps):
+    """The summed training cost so far (older logs hold the cost rate only)."""
+    total = _first(row, "train/cumulative_cost", "cumulative_cost")
+    rate = _first(row, "train/cost_rate", "cost_rate")
+    if total is None and rate is not None and steps is not None:
+        total = rate * steps
+    return total
+
+
+def critic_tracking(rows: list[dict], gamma: float, window: int = 50) -> list[dict]:
+    """Per window of ``window`` iterations: the cost critic's mean over replayed pairs
+    (at the window's last iteration), the training cost per env step paid in the
+    window, that rate as a discounted cost to go ``rate / (1 - gamma)``, their ratio
+    (< 1: the critic underestimates what the policy pays) and the step threshold."""
+    out = []
+    for end in range(window - 1, len(rows), window):
+        first, last = rows[end - window + 1], rows[end]
+        steps0 = _first(first, "train/num_env_steps_sampled_lifetime", "env_steps")
+        steps1 = _first(last, "train/num_env_steps_sampled_lifetime", "env_steps")
+        cost0, cost1 = _cumulative_cost(first, steps0), _cumulative_cost(last, steps1)
+        qc = _first(last, "learner/qc_mean_cost", "qc_mean")
+        if None in (steps0, steps1, cost0, cost1, qc) or steps1 <= steps0:
+            continue
+        rate = (cost1 - cost0) / (steps1 - steps0)
+        to_go = rate / (1.0 - gamma)
+        threshold = _first(last, "learner/step_threshold_cost", "step_threshold")
+        out.append(
+            {
+                "iteration": int(_first(last, "iteration") or end + 1),
+                "env_steps": int(steps1),
+                "qc_mean": float(qc),
+                "cost_rate": rate,
+                "cost_to_go": to_go,
+                "critic_over_paid": float(qc) / to_go if to_go > 0 else float("nan"),
+                "step_threshold": None if threshold is None else float(threshold),
+                "estep_infeasible": _first(
+                    last, "learner/estep_status_infeasible", "estep_infeasible"
+                ),
+            }
+        )
+    return out
+
+
+def critic_tracking_report(paths: list[str], gamma: float, write: str | None) -> list:
+    import os
+
+    lines = [
+        "<!-- written by `benchmarks/constraint_diagnosis.py --critic-tracking`; do not edit -->",
+        f"Per window of 50 iterations (50k env steps): the cost critic's mean over "
+        f"replayed pairs at the window's end, the cost the training episodes paid in "
+        f"the window as a discounted cost to go (rate / (1 - gamma), gamma = {gamma}), "
+        f"their ratio, the E-step's step threshold and the infeasible E-steps (of 200) "
+        f"in the window's last iteration.",
+        "",
+        "| run | env steps | critic mean Q_c | paid: rate / (1 - gamma) | critic / paid "
+        "| step threshold | infeasible E-steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    result = []
+    for path in paths:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        name = os.path.basename(path).removesuffix(".jsonl")
+        for r in critic_tracking(rows, gamma):
+            r["run"] = name
+            result.append(r)
+            thr = "n/a" if r["step_threshold"] is None else f"{r['step_threshold']:.2f}"
+            inf = "n/a" if r["estep_infeasible"] is None else f"{r['estep_infeasible']:.0f}"
+            lines.append(
+                f"| {name} | {r['env_steps']:,} | {r['qc_mean']:.2f} | {r['cost_to_go']:.2f} "
+                f"| {r['critic_over_paid']:.2f} | {thr} | {inf} |"
+            )
+    for r in result:
+        print(json.dumps(r))
+    if write:
+        Path(write).write_text("\n".join(lines) + "\n")
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", nargs="?")
@@ -258,9 +355,21 @@ def main(argv=None) -> int:
         "--tiny-ablation", action="store_true", help="train and diagnose the tiny task's settings"
     )
     p.add_argument(
-        "--write", default=None, help="with --tiny-ablation: write the markdown table here"
+        "--write",
+        default=None,
+        help="with --tiny-ablation / --critic-tracking: write the markdown table here",
     )
+    p.add_argument(
+        "--critic-tracking",
+        nargs="+",
+        metavar="LOG",
+        help="per-iteration logs (progress.jsonl) to compare the cost critic with the cost paid",
+    )
+    p.add_argument("--gamma", type=float, default=0.99, help="with --critic-tracking")
     args = p.parse_args(argv)
+    if args.critic_tracking:
+        critic_tracking_report(args.critic_tracking, args.gamma, args.write)
+        return 0
     if args.tiny_ablation:
         tiny_ablation(args.write, args.episodes)
         return 0

@@ -110,3 +110,46 @@ def test_ring_buffer_overwrites_oldest_and_state_round_trip():
     np.testing.assert_array_equal(buf.sample(50)["rewards"], other.sample(50)["rewards"])
     with pytest.raises(ValueError, match="capacity"):
         NStepReplayBuffer(6).set_state(state)
+
+
+@pytest.mark.parametrize("terminated", [True, False])
+@pytest.mark.parametrize("cuts", [[], [1], [3, 4, 9], [2, 5, 6, 7, 8]])
+def test_next_actions_are_the_behaviours_action_at_the_next_observation(terminated, cuts):
+    """next_actions=True: a'_t = a_{t+h} (valid) except where s_{t+h} ends the episode;
+    the other columns equal the plain accumulator's, whatever the chunking."""
+    T, n, gamma = 11, 3, 0.9
+    obs, act, rew, cost = _episode(T)
+    plain, with_next = NStepAccumulator(n, gamma), NStepAccumulator(n, gamma, next_actions=True)
+    got_plain, got = [], []
+    for c in _chunks(obs, act, rew, cost, cuts, terminated):
+        got_plain += [b for b in [plain.add([c])] if b is not None]
+        b = with_next.add([c])
+        if b is not None:
+            got.append(b)
+    a = {k: np.concatenate([g[k] for g in got_plain]) for k in got_plain[0]}
+    b = {k: np.concatenate([g[k] for g in got]) for k in got[0]}
+    assert set(b) == set(a) | {"next_actions", "next_action_valid"}
+    oa, ob = np.argsort(a["obs"][:, 0]), np.argsort(b["obs"][:, 0])
+    for k in a:
+        np.testing.assert_array_equal(a[k][oa], b[k][ob])
+    for i, t in enumerate(ob):
+        h = min(n, T - i)
+        if i + h < T:
+            assert b["next_action_valid"][t] == 1.0
+            np.testing.assert_array_equal(b["next_actions"][t], act[i + h])
+        else:  # s_{t+h} is the final observation: no action was taken there
+            assert b["next_action_valid"][t] == 0.0
+            np.testing.assert_array_equal(b["next_actions"][t], 0.0)
+    assert with_next.num_open_episodes == 0
+
+
+def test_next_actions_wait_one_step_for_the_action_at_the_window_end():
+    obs, act, rew, cost = _episode(10, m=1)
+    acc = NStepAccumulator(3, 0.99, next_actions=True)
+    b = acc.add([EpisodeChunk("x", obs[:6], act[:5], rew[:5], cost[:5])])
+    # windows of steps 0..2 are complete, but a_5 (s' of step 2) is not known yet
+    assert b["obs"][:, 0].tolist() == [0.0, 1.0]
+    np.testing.assert_array_equal(b["next_actions"], act[3:5])
+    b = acc.add([EpisodeChunk("x", obs[5:7], act[5:6], rew[5:6], cost[5:6])])
+    assert b["obs"][:, 0].tolist() == [2.0]
+    np.testing.assert_array_equal(b["next_actions"][0], act[5])

@@ -91,6 +91,10 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
         # estimate that compounds over the horizon: it kept the tiny task (gamma 0.95) under
         # its limit and made PointGoal1 (gamma 0.99) overestimate cost 12x (docs/constraint.md).
         self.cost_target_reduction = "mean"
+        # "replay": the cost critics bootstrap on the action the behaviour took in s'
+        # (SARSA-like), not on the target policy's samples, so the policy search cannot
+        # pull the cost target down to the threshold (docs/constraint.md).
+        self.cost_target_actions = "policy"
         self.train_batch_size_per_learner = 256
         self.training_intensity = 0.2  # gradient updates per sampled env step
         self.updates_per_learner_call = 8
@@ -150,6 +154,7 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
         num_cost_critics=NotProvided,
         cost_critic_reduction=NotProvided,
         cost_target_reduction=NotProvided,
+        cost_target_actions=NotProvided,
         training_intensity=NotProvided,
         updates_per_learner_call=NotProvided,
         replay_capacity=NotProvided,
@@ -179,6 +184,9 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
                 policy is improved (CVPO: the E-step).
             cost_target_reduction: "mean" or "max" over each cost ensemble in the
                 cost critics' TD target.
+            cost_target_actions: "policy" (the target policy's samples at s', the
+                paper's) or "replay" (the action the behaviour took at s', stored in
+                the replay) as the next actions of the cost critics' TD target.
             training_intensity: gradient updates per sampled env step.
             updates_per_learner_call: minibatch updates per learner call.
             replay_capacity: transitions held by the replay buffer.
@@ -309,7 +317,11 @@ class ConstrainedOffPolicy(Algorithm):
                 f"{type(config).__name__}.action_space is unknown: call validate() first"
             )
         self._accumulator = NStepAccumulator(
-            config.n_step, config.gamma, action_low=space.low, action_high=space.high
+            config.n_step,
+            config.gamma,
+            action_low=space.low,
+            action_high=space.high,
+            next_actions=config.cost_target_actions == "replay",
         )
         self._replay = NStepReplayBuffer(config.replay_capacity, seed=config.seed)
         self._num_updates = 0
@@ -525,4 +537,11 @@ class ConstrainedOffPolicy(Algorithm):
                 for k, parts in state[OPEN_EPISODE_COSTS_STATE_KEY].items()
             }
         if REPLAY_STATE_KEY in state:
+            data = state[REPLAY_STATE_KEY].get("data") or {}
+            if self._accumulator.next_actions and data and "next_actions" not in data:
+                raise ValueError(
+                    "this checkpoint's replay buffer holds no next actions (it was written "
+                    "with cost_target_actions='policy'); restore it with "
+                    "cost_target_actions='policy', or start a new run for 'replay'"
+                )
             self._replay.set_state(state[REPLAY_STATE_KEY])

@@ -33,7 +33,7 @@ from ray.rllib.core.rl_module.apis import TargetNetworkAPI
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, ParamDict, TensorType
 
-from cvpo.networks import polyak_update
+from cvpo.networks import polyak_update, reduce_members
 from cvpo.runtime import set_torch_threads, tune_malloc
 from rllib_ext.common import metrics as M
 
@@ -107,6 +107,32 @@ def load_pickled_tensors_on_cpu():
         yield
     finally:
         storage._load_from_bytes = original
+
+
+def cost_values_at_replay_actions(
+    target_critics: torch.nn.Module,
+    next_obs: torch.Tensor,
+    batch: dict[str, Any],
+    fallback: torch.Tensor,
+    *,
+    num_reward_critics: int,
+    num_constraints: int,
+    num_cost_critics: int,
+    reduction: str,
+) -> torch.Tensor:
+    """The cost side of the TD target with ``cost_target_actions="replay"``.
+
+    (m, B) values of the target cost critics (each constraint's ensemble reduced by
+    ``reduction``) at (s', a') with a' the action the behaviour took in s' (the replay's
+    ``next_actions``); ``fallback`` (m, B) where s' has no action (the final observation
+    of an episode, ``next_action_valid`` 0). The ensemble holds the reward critics first,
+    then ``num_cost_critics`` members per constraint. Call without gradients."""
+    B = next_obs.shape[0]
+    q = target_critics(next_obs, batch["next_actions"].float().reshape(B, -1))  # (M, B)
+    E, m, Ec = num_reward_critics, num_constraints, num_cost_critics
+    vc = reduce_members(q[E:].reshape(m, Ec, B), reduction, 1)  # (m, B)
+    valid = batch["next_action_valid"].float().reshape(1, B) > 0.5
+    return torch.where(valid, vc, fallback)
 
 
 def adam(params) -> torch.optim.Optimizer:

@@ -22,6 +22,7 @@ from cvpo.constraints import CostLimitCountError, cost_limits
 from cvpo.defaults import (
     ACTOR_COVARIANCES,
     COST_REDUCTIONS,
+    COST_TARGET_ACTIONS,
     ESTEP_SOLVERS,
     REWARD_REDUCTIONS,
     THRESHOLD_TIMINGS,
@@ -164,6 +165,7 @@ def validate_off_policy_config(cfg) -> None:
     _choice(cfg, "reward_critic_reduction", REWARD_REDUCTIONS)
     _choice(cfg, "cost_critic_reduction", COST_REDUCTIONS)
     _choice(cfg, "cost_target_reduction", COST_REDUCTIONS)
+    _choice(cfg, "cost_target_actions", COST_TARGET_ACTIONS)
     _positive(cfg, "train_batch_size_per_learner", integer=True)
     _positive(cfg, "training_intensity")
     _positive(cfg, "updates_per_learner_call", integer=True)

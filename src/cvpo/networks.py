@@ -18,7 +18,7 @@ from torch import nn
 
 from cvpo.defaults import HIDDENS, STD_MAX, STD_MIN
 
-__all__ = ["CriticEnsemble", "GaussianActor", "mlp", "polyak_update"]
+__all__ = ["CriticEnsemble", "GaussianActor", "mlp", "polyak_update", "reduce_members"]
 
 ActivationFactory = Callable[[], nn.Module]
 
@@ -280,6 +280,15 @@ class CriticEnsemble(nn.Module):
         else:
             h = torch.baddbmm(b_out.unsqueeze(1), h, w_out)
         return h.view(M, *lead)  # (M, ...)
+
+
+def reduce_members(q: torch.Tensor, how: str, dim: int) -> torch.Tensor:
+    """Combines critic ensemble members along ``dim``: "min", "max" or "mean"."""
+    if how == "min":
+        return q.min(dim=dim).values
+    if how == "max":
+        return q.max(dim=dim).values
+    return q.mean(dim=dim)
 
 
 @torch.no_grad()

@@ -13,6 +13,14 @@ with ``h = min(n, steps left in the episode)``: a window cut short by the end
 of the episode bootstraps with the right power of gamma (from the final
 observation if the episode was truncated, not at all if it terminated).
 
+With ``next_actions=True`` each transition also carries ``a'_t = a_{t+h}``, the
+action the behaviour policy took in ``s'_t`` (``next_actions``), and
+``next_action_valid`` (1, or 0 where ``s'_t`` is the final observation of a
+truncated or terminated episode, which has no action). A window is then emitted
+one step later, once ``a_{t+n}`` is known. Cost critics bootstrapped on these
+actions (``cost_target_actions="replay"``) estimate the behaviour's cost after
+the first action, not the current policy's (docs/constraint.md).
+
 The cost of the action taken in ``s_t`` is reported in the info returned by
 that step, i.e. ``infos[t + 1]`` of an episode whose ``infos[0]`` is the reset
 info. :class:`NStepReplayBuffer` is a fixed-capacity ring of such transitions
@@ -27,7 +35,13 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EpisodeChunk", "NStepAccumulator", "NStepReplayBuffer", "TRANSITION_KEYS"]
+__all__ = [
+    "NEXT_ACTION_KEYS",
+    "TRANSITION_KEYS",
+    "EpisodeChunk",
+    "NStepAccumulator",
+    "NStepReplayBuffer",
+]
 
 #: Columns of a sampled batch (and their meaning).
 TRANSITION_KEYS = (
@@ -37,6 +51,11 @@ TRANSITION_KEYS = (
     "costs",  # (B, m) discounted n-step cost sums C_t^k
     "next_obs",  # (B, obs_dim) s_{t+h}
     "discounts",  # (B,) gamma**h, or 0 where the episode terminated inside the window
+)
+#: Extra columns with ``NStepAccumulator(next_actions=True)``.
+NEXT_ACTION_KEYS = (
+    "next_actions",  # (B, act_dim) a_{t+h} as executed (zeros where not valid)
+    "next_action_valid",  # (B,) 1.0 where s_{t+h} has an action, else 0.0
 )
 
 
@@ -99,6 +118,7 @@ class NStepAccumulator:
         gamma: discount in (0, 1).
         action_low, action_high: if given, stored actions are clipped to these
             bounds (the env executes clipped actions; the critic must see them).
+        next_actions: also emit ``a_{t+h}`` and its validity (``NEXT_ACTION_KEYS``).
     """
 
     def __init__(
@@ -107,6 +127,7 @@ class NStepAccumulator:
         gamma: float,
         action_low: np.ndarray | None = None,
         action_high: np.ndarray | None = None,
+        next_actions: bool = False,
     ):
         if int(n_step) != n_step or n_step < 1:
             raise ValueError(f"n_step must be an integer >= 1, got {n_step!r}")
@@ -116,6 +137,8 @@ class NStepAccumulator:
         self.gamma = float(gamma)
         self.action_low = None if action_low is None else np.asarray(action_low, np.float32)
         self.action_high = None if action_high is None else np.asarray(action_high, np.float32)
+        self.next_actions = bool(next_actions)
+        self._keys = TRANSITION_KEYS + (NEXT_ACTION_KEYS if self.next_actions else ())
         self._open: dict[Any, _OpenEpisode] = {}
         # gamma ** j for j = 0 .. n
         self._powers = self.gamma ** np.arange(self.n_step + 1, dtype=np.float64)
@@ -129,7 +152,7 @@ class NStepAccumulator:
         out = [t for t in (self._add_one(c) for c in chunks) if t is not None]
         if not out:
             return None
-        return {k: np.concatenate([t[k] for t in out], axis=0) for k in TRANSITION_KEYS}
+        return {k: np.concatenate([t[k] for t in out], axis=0) for k in self._keys}
 
     def _add_one(self, chunk: EpisodeChunk) -> dict[str, np.ndarray] | None:
         ep = self._open.get(chunk.episode_id)
@@ -156,8 +179,9 @@ class NStepAccumulator:
         rewards = np.concatenate(ep.rewards, axis=0)  # (T,)
         costs = np.concatenate(ep.costs, axis=0)  # (T, m)
         T, n = len(actions), self.n_step
-        # steps whose window is complete; after the end every held step qualifies
-        num = T if done else max(T - n + 1, 0)
+        # steps whose window is complete (and, with next actions, whose a_{t+n} is
+        # known); after the end every held step qualifies
+        num = T if done else max(T - n + (0 if self.next_actions else 1), 0)
         if num > 0:
             t = np.arange(num)
             h = np.minimum(n, T - t)  # (num,) window lengths
@@ -179,6 +203,12 @@ class NStepAccumulator:
                 "next_obs": obs[t + h],
                 "discounts": disc.astype(np.float32),
             }
+            if self.next_actions:
+                valid = t + h < T  # s_{t+h} is not the episode's final observation
+                batch["next_actions"] = np.where(
+                    valid[:, None], actions[np.minimum(t + h, T - 1)], 0.0
+                ).astype(np.float32)
+                batch["next_action_valid"] = valid.astype(np.float32)
         else:
             batch = None
         if not done:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
 from ray.rllib.core.learner.learner import Learner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
@@ -25,6 +26,7 @@ from rllib_ext.common import metrics as M
 from rllib_ext.common.torch_learner import (  # noqa: F401  (re-exported: old import paths)
     GENERATOR_KEY,
     ConstrainedTorchLearner,
+    cost_values_at_replay_actions,
     learner_threads,
 )
 from rllib_ext.cvpo.cvpo_learner import LEARNER_STATE_KEY, CVPOLearner  # noqa: F401
@@ -71,8 +73,21 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
         costs = batch["costs"].float().reshape(rewards.shape[0], -1)  # (B, m)
 
         # 1. n-step TD targets: y = R + gamma^n V_old(s'), per constraint for the costs
+        vc_next = old[VC_NEXT]  # (m, B): pi_old's samples at s'
+        if config.cost_target_actions == "replay":  # the behaviour's action at s'
+            with torch.no_grad():
+                vc_next = cost_values_at_replay_actions(
+                    module.target_critics,
+                    batch["next_obs"].reshape(rewards.shape[0], -1).float(),
+                    batch,
+                    vc_next,
+                    num_reward_critics=module.num_reward_critics,
+                    num_constraints=module.num_constraints,
+                    num_cost_critics=module.num_cost_critics,
+                    reduction=module.cost_target_reduction,
+                )
         y_r = rewards + discounts * old[V_NEXT]  # (B,)
-        y_c = costs.T + discounts * old[VC_NEXT]  # (m, B)
+        y_c = costs.T + discounts * vc_next  # (m, B)
         # 2. critic loss: every ensemble member regresses onto its target
         mse_r = ((fwd_out[Q_REWARD] - y_r) ** 2).mean(-1)  # (E,)
         mse_c = ((fwd_out[Q_COST] - y_c.unsqueeze(1)) ** 2).mean(-1)  # (m, Ec)

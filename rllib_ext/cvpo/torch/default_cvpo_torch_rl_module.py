@@ -34,7 +34,7 @@ from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.annotations import override
 
-from cvpo.networks import CriticEnsemble, GaussianActor
+from cvpo.networks import CriticEnsemble, GaussianActor, reduce_members
 from rllib_ext.common.model_config import model_setting
 
 # forward_train output keys
@@ -50,15 +50,6 @@ Q_SAMPLED = "q_sampled"  # (B, K) reduced reward value of each sampled action
 QC_SAMPLED = "qc_sampled"  # (m, B, K) reduced cost value per constraint
 V_NEXT = "v_next"  # (B,) reward bootstrap at s'
 VC_NEXT = "vc_next"  # (m, B) cost bootstrap at s'
-
-
-def reduce_members(q: torch.Tensor, how: str, dim: int) -> torch.Tensor:
-    """Combines critic ensemble members along ``dim``: "min", "max" or "mean"."""
-    if how == "min":
-        return q.min(dim=dim).values
-    if how == "max":
-        return q.max(dim=dim).values
-    return q.mean(dim=dim)
 
 
 def sample_gaussian(

@@ -32,9 +32,12 @@ from ray.rllib.core.learner.learner import Learner
 from ray.rllib.utils.annotations import override
 from ray.rllib.utils.typing import ModuleID, TensorType
 
+from cvpo.networks import reduce_members
 from rllib_ext.common import metrics as M
-from rllib_ext.common.torch_learner import ConstrainedTorchLearner
-from rllib_ext.cvpo.torch.default_cvpo_torch_rl_module import reduce_members
+from rllib_ext.common.torch_learner import (
+    ConstrainedTorchLearner,
+    cost_values_at_replay_actions,
+)
 from rllib_ext.sac_lag.torch.default_sac_lag_torch_rl_module import ACTOR_MEAN, ACTOR_STD
 
 LEARNER_STATE_KEY = "saclag_learner_state"
@@ -109,6 +112,17 @@ class SACLagTorchLearner(ConstrainedTorchLearner):
             # (default the mean: a max compounds over the horizon, docs/constraint.md);
             # cost_critic_reduction acts in the actor loss
             v_c = reduce_members(q_next[E:].reshape(m, Ec, B), config.cost_target_reduction, 1)
+            if config.cost_target_actions == "replay":  # the behaviour's action at s'
+                v_c = cost_values_at_replay_actions(
+                    module.target_critics,
+                    next_obs,
+                    batch,
+                    v_c,
+                    num_reward_critics=E,
+                    num_constraints=m,
+                    num_cost_critics=Ec,
+                    reduction=config.cost_target_reduction,
+                )
             y_r = rewards + discounts * v_r  # (B,)
             y_c = costs.T + discounts * v_c  # (m, B)
         q_pred = module.critics(obs, actions)  # (M, B)
