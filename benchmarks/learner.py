@@ -47,6 +47,7 @@ def _fake_batch(rng, n, obs_dim, act_dim, m):
 _PHASES = (
     ("learner_update_total", "update", "core/learner/learner.py"),
     ("loss_total", "compute_loss_for_module", "cvpo_torch_learner.py"),
+    ("forward_train", "_forward_train", "default_cvpo_torch_rl_module.py"),
     ("critic_evaluation", "q_values", "default_cvpo_torch_rl_module.py"),
     ("dual_solve", "solve_dual", "cvpo/estep.py"),
     ("mstep_loss", "mstep_loss", "cvpo/mstep.py"),
@@ -62,9 +63,11 @@ def profile_shares(one_call, updates_per_call: int, calls: int) -> dict:
 
     ``critic_evaluation`` covers the E-step's and the TD target's batched critic
     passes (the E-step's own share is ``estep_critic_eval_ms``); the rest of
-    the critic update is in ``loss_total`` and ``backward``. ``rllib_overhead``
-    is the part of ``Learner.update`` outside loss, backward and optimizer steps
-    (batch conversion, minibatch iteration, metrics reduction). Profiling
+    the critic update is in ``loss_total`` and ``backward``. ``forward_train`` is the
+    module's training forward (the actor at s, the critics at the replayed pairs).
+    ``rllib_overhead`` is the part of ``Learner.update`` outside the training
+    forward, loss, backward and optimizer steps (batch conversion, minibatch
+    iteration, metrics reduction). Profiling
     inflates Python-heavy phases a little; the shares are indicative.
     """
     import cProfile
@@ -82,7 +85,10 @@ def profile_shares(one_call, updates_per_call: int, calls: int) -> dict:
             if func == name and frag in file:
                 cum[label] = cum.get(label, 0.0) + ct
     total = cum.get("learner_update_total", float("nan"))
-    inner = sum(cum.get(k, 0.0) for k in ("loss_total", "backward", "optimizer_and_target_update"))
+    inner = sum(
+        cum.get(k, 0.0)
+        for k in ("loss_total", "forward_train", "backward", "optimizer_and_target_update")
+    )
     out = {k: round(v / total, 3) for k, v in cum.items() if k != "learner_update_total"}
     out["rllib_overhead"] = round((total - inner) / total, 3)
     out["profiled_ms_per_update"] = round(1000 * total / (calls * updates_per_call), 3)
