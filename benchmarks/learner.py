@@ -147,6 +147,42 @@ def _gemm_gflops() -> float:
     return 2 * 4096 * 128 * 128 / sorted(times[10:])[25] / 1e9
 
 
+def update_gflop(
+    batch: int,
+    K: int,
+    obs_dim: int,
+    act_dim: int,
+    hidden: int = 128,
+    critics: int = 2,
+    target_actions: int = 1,
+) -> float:
+    """Floating-point work of one CVPO update in GFLOP (a multiply-add counts 2), from
+    the layer sizes: the arithmetic that no implementation of the same math avoids.
+
+    - E-step: the target critics on B states x K actions (observation part of the
+      first layer once per state, hidden layer and output per pair);
+    - TD target: the target critics on B x ``target_actions`` pairs at s';
+    - critic loss: the critics on the B replayed pairs, forward and backward (2x);
+    - actor: pi_old at s and s', the online actor at s forward and backward (2x).
+    Elementwise work (activations, the dual, Adam) is left out: it is small."""
+
+    def mlp(rows: int, n_in: int, n_out: int) -> float:  # 2 hidden layers of `hidden`
+        return 2.0 * rows * (n_in * hidden + hidden * hidden + hidden * n_out)
+
+    pairs = batch * K
+    estep = critics * (
+        2.0 * batch * obs_dim * hidden  # observation part, once per state
+        + 2.0 * pairs * act_dim * hidden  # action part, per pair
+        + 2.0 * pairs * hidden * hidden  # hidden layer
+        + 2.0 * pairs * hidden  # output
+    )
+    target = critics * mlp(batch * target_actions, obs_dim + act_dim, 1)
+    critic_train = 3 * critics * mlp(batch, obs_dim + act_dim, 1)  # forward + backward
+    actor_out = 2 * act_dim  # mean and scale
+    actor = 2 * mlp(batch, obs_dim, actor_out) + 3 * mlp(batch, obs_dim, actor_out)
+    return (estep + target + critic_train + actor) / 1e9
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=256)
@@ -221,6 +257,8 @@ def main():
     )
     eval_s, solve_s = peek("estep_critic_eval_time_s"), peek("estep_solve_time_s")
     shares = profile_shares(one_call, updates_per_call=U, calls=max(3, args.calls // 3))
+    gflops = _gemm_gflops()
+    work = update_gflop(B, args.K, args.obs_dim, args.act_dim, critics=args.reward_critics + 1)
     out = {
         "benchmark": "learner",
         "device": args.device,
@@ -236,7 +274,11 @@ def main():
         "ms_per_update": round(1000 * per_update, 3),
         "reference_style_updates_per_s": round(ref_style, 1),
         "ratio_vs_reference_style_same_process": round(ups / ref_style, 2),
-        "matmul_gflops_4096x128x128": round(_gemm_gflops(), 1),
+        "matmul_gflops_4096x128x128": round(gflops, 1),
+        # the update's matmul work at this core's current matmul rate: what an update
+        # costs with zero overhead (docs/performance.md)
+        "update_gflop": round(work, 4),
+        "arithmetic_floor_ms": round(1000 * work / gflops, 3),
         "estep_critic_eval_ms": round(1000 * eval_s, 3),
         "estep_dual_solve_ms": round(1000 * solve_s, 3),
         "estep_share": round((eval_s + solve_s) / per_update, 3),
