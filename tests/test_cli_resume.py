@@ -194,3 +194,38 @@ def test_from_checkpoint_relative_path(resumed, monkeypatch):
         assert algo.config.actor_hiddens == [32, 32]
     finally:
         algo.stop()
+
+
+def test_repair_trial_logs_cuts_only_a_partial_last_line(tmp_path):
+    """A driver killed mid-write leaves half a line; the repair keeps every whole line
+    and moves the partial bytes to <file>.partial (nothing is deleted)."""
+    from rllib_ext.cli.common import repair_trial_logs
+
+    trial = tmp_path / "exp" / "CVPO_x_00000"
+    trial.mkdir(parents=True)
+    whole = b'{"training_iteration": 1}\n{"training_iteration": 2}\n'
+    (trial / "result.json").write_bytes(whole + b'{"training_iter')
+    (trial / "progress.csv").write_bytes(b"a,b\n1,2\n3,")
+    ok = tmp_path / "exp" / "CVPO_y_00001"
+    ok.mkdir()
+    (ok / "result.json").write_bytes(whole)
+    repaired = repair_trial_logs(str(tmp_path / "exp"))
+    assert sorted(repaired) == sorted([str(trial / "result.json"), str(trial / "progress.csv")])
+    assert (trial / "result.json").read_bytes() == whole
+    assert (trial / "result.json.partial").read_bytes() == b'{"training_iter'
+    assert (trial / "progress.csv").read_bytes() == b"a,b\n1,2\n"
+    assert (trial / "progress.csv.partial").read_bytes() == b"3,"
+    assert (ok / "result.json").read_bytes() == whole
+    # a second pass finds nothing to cut; a bucket URI is left alone
+    assert repair_trial_logs(str(tmp_path / "exp")) == []
+    assert repair_trial_logs("s3://bucket/exp") == []
+
+
+def test_repair_trial_logs_drops_a_newline_terminated_line_that_is_not_json(tmp_path):
+    from rllib_ext.cli.common import repair_trial_logs
+
+    trial = tmp_path / "exp" / "T"
+    trial.mkdir(parents=True)
+    (trial / "result.json").write_bytes(b'{"a": 1}\n{"a": \n')
+    assert repair_trial_logs(str(tmp_path / "exp")) == [str(trial / "result.json")]
+    assert (trial / "result.json").read_bytes() == b'{"a": 1}\n'

@@ -195,6 +195,10 @@ def test_tune_restores_sigkilled_experiment(ray_local, tmp_path):
     assert proc.returncode == -signal.SIGKILL
 
     assert tune.Tuner.can_restore(str(exp_dir))
+    # as `rllib resume` does: a kill during a log write leaves a partial line
+    from rllib_ext.cli.common import repair_trial_logs
+
+    repair_trial_logs(str(exp_dir))
     tuner = tune.Tuner.restore(str(exp_dir), trainable="CVPO", resume_unfinished=True)
     results = tuner.fit()
     assert len(results) == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 EPILOG = """examples:
@@ -78,3 +79,43 @@ def init_ray(args) -> None:
     import rllib_ext
 
     rllib_ext.register()  # Tune's registry is per Ray session
+
+
+#: the per-trial logs Tune appends one line per iteration to
+TRIAL_LOGS = ("result.json", "progress.csv")
+
+
+def repair_trial_logs(experiment_dir: str) -> list[str]:
+    """Cuts a partial last line off each trial's ``result.json`` / ``progress.csv``.
+
+    A driver killed while Tune was writing a line leaves the line half written; after
+    a restore Tune appends behind it, and reading the trial's results back then fails
+    (``JSONDecodeError``: its metrics and dataframe come back empty). The cut bytes go
+    to ``<file>.partial`` next to the file, so nothing is deleted. Local folders only
+    (a bucket is returned unchanged). Returns the files repaired."""
+    if "://" in experiment_dir or not Path(experiment_dir).is_dir():
+        return []
+    repaired = []
+    for trial in sorted(Path(experiment_dir).iterdir()):
+        for name in TRIAL_LOGS if trial.is_dir() else ():
+            path = trial / name
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            end = len(data)
+            if data and not data.endswith(b"\n"):
+                end = data.rfind(b"\n") + 1  # keep whole lines only
+            elif name.endswith(".json") and data:
+                last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 :]
+                try:
+                    json.loads(last)
+                except ValueError:
+                    end = len(data) - len(last)
+            if end == len(data):
+                continue
+            with open(path.with_name(name + ".partial"), "ab") as f:
+                f.write(data[end:])
+            with open(path, "r+b") as f:
+                f.truncate(end)
+            repaired.append(str(path))
+    return repaired

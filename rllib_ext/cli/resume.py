@@ -81,6 +81,8 @@ def cmd_resume(args) -> int:
     args.experiment_dirs = [exp_dir]
     common.init_ray(args)
     print(f"== resuming {exp_dir}: {algo_cls.__name__}", flush=True)
+    for path in common.repair_trial_logs(exp_dir):
+        print(f"cut a partial last line off {path} (kept in {path}.partial)", flush=True)
     tuner = tune.Tuner.restore(
         exp_dir,
         trainable=algo_cls,

@@ -341,6 +341,8 @@ def run_experiments(experiments: dict[str, dict[str, Any]], args) -> int:
         print(f"== {name}: {algo_cls.__name__} on {param_space['env']} -> {exp_dir}", flush=True)
         if args.resume and tune.Tuner.can_restore(exp_dir):
             print(f"resuming {exp_dir} from its checkpoints", flush=True)
+            for path in common.repair_trial_logs(exp_dir):
+                print(f"cut a partial last line off {path} (kept in {path}.partial)", flush=True)
             tuner = tune.Tuner.restore(exp_dir, trainable=algo_cls, resume_errored=True)
         else:
             if args.resume:
