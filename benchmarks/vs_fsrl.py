@@ -359,6 +359,69 @@ def _summary(fsrl_runs: list[dict], our_runs: list[dict], key: str, our_key=None
     }
 
 
+# -- the README's speed table, from saved runs ----------------------------------------------
+README_BEGIN = "<!-- speed:start (written by benchmarks/vs_fsrl.py --write-readme; do not edit) -->"
+README_END = "<!-- speed:end -->"
+
+
+def _fmt(x, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def speed_table(docs: list[tuple[str, dict]]) -> str:
+    """A markdown table of the ratios (ours / FSRL) in saved ``vs_fsrl`` JSON documents.
+
+    One row per run; every number comes from the document (nothing is typed in).
+    """
+    rows = [
+        "| run (JSON document) | date | learner, 1 thread | learner, 2 threads | end to end "
+        "(FSRL's measure) | end to end (FSRL's collect + update only) | load avg at start |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, d in docs:
+        if d.get("benchmark") != "vs_fsrl":
+            raise ValueError(f"{name} is not a vs_fsrl document (no 'benchmark': 'vs_fsrl')")
+        r = d.get("ratios_ours_over_fsrl", {})
+        load = d.get("machine_load_before") or {}
+        avg = load.get("loadavg_1_5_15") if isinstance(load, dict) else None
+        la = avg[0] if avg else None
+        rows.append(
+            f"| `{name}` | {str(d.get('date', ''))[:10]} | {_fmt(r.get('learner_1_thread'))}x "
+            f"| {_fmt(r.get('learner_2_threads'))}x | {_fmt(r.get('end_to_end_env_steps_per_s'))}x "
+            f"| {_fmt(r.get('end_to_end_vs_fsrl_collect_and_update_only'))}x | {_fmt(la, 1)} |"
+        )
+    return "\n".join(rows)
+
+
+def write_readme_block(readme: Path, table: str) -> None:
+    """Replace the text between the speed markers in ``readme`` by ``table``."""
+    text = readme.read_text()
+    i, j = text.find(README_BEGIN), text.find(README_END)
+    if i < 0 or j < i:
+        raise SystemExit(
+            f"{readme} has no speed block: add the two lines\n{README_BEGIN}\n{README_END}\n"
+            "where the table belongs"
+        )
+    readme.write_text(text[: i + len(README_BEGIN)] + "\n" + table + "\n" + text[j:])
+
+
+def table_main(paths: list[Path], readme: Path | None) -> None:
+    docs = []
+    for path in paths:
+        try:
+            docs.append((str(path), json.loads(path.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"cannot read {path} as a vs_fsrl JSON document: {e}") from e
+    try:
+        table = speed_table(docs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if readme is not None:
+        write_readme_block(readme, table)
+        log(f"wrote the speed table ({len(docs)} runs) into {readme}")
+    print(table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke run: one pair each, short runs")
@@ -404,7 +467,27 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per end-to-end run")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON document here")
     p.add_argument("--ours-e2e-worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--table",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="no run: print the ratio table of saved documents (written with --out)",
+    )
+    p.add_argument(
+        "--write-readme",
+        type=Path,
+        default=None,
+        metavar="README",
+        help="with --table: also write it between the speed markers of this file",
+    )
     a = p.parse_args()
+    if a.table:
+        table_main(a.table, a.write_readme)
+        return
+    if a.write_readme:
+        p.error("--write-readme needs --table JSON ...")
     if a.ours_e2e_worker:
         _ours_e2e_worker(a)
         return
