@@ -74,6 +74,9 @@ bench: $(STAMP)
 # `make bench-fsrl [BENCH_FSRL_ARGS=--quick]`: FSRL's CVPO (the reference, in its own venv
 # .bench/fsrl-venv, built from FSRL_BENCH_DIR/install.sh on first use) and ours, learner and
 # end to end, alternately in one run; the last line is JSON with the ratios (ours / FSRL).
+# Save a run with BENCH_FSRL_ARGS="--out docs/measurements/vs_fsrl_<date>_N.json", then
+# `$(PY) benchmarks/vs_fsrl.py --table docs/measurements/vs_fsrl_*.json --write-readme README.md`
+# rewrites the README's speed table from the saved documents.
 FSRL_BENCH_DIR ?= ../shared/bench/fsrl
 BENCH_FSRL_ARGS ?=
 bench-fsrl: $(STAMP)
