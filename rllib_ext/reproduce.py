@@ -452,11 +452,10 @@ def comparison_lines(records: list[dict[str, Any]], reference: str = "CVPO") -> 
         for algo in [reference] + sorted(a for a in algos if a != reference):
             rs = algos[algo]
             ret, cost = mean(rs, "final_return"), mean(rs, "final_cost")
-            parts.append(f"{algo} {ret:.2f} at cost {cost:.2f}")
+            n = len(rs)
+            parts.append(f"{algo} ({n} seed{'s' if n > 1 else ''}) {ret:.2f} at cost {cost:.2f}")
             if limit is not None and cost <= limit:
                 feasible.append(algo)
-        seeds = sorted({len(rs) for rs in algos.values()})
-        seeds_text = "/".join(str(n) for n in seeds)
         limit_text = f"limit {limit:g}" if limit is not None else "no limit recorded"
         verdict = (
             f"within the limit: {', '.join(feasible)}" if feasible else "neither meets the limit"
@@ -465,9 +464,22 @@ def comparison_lines(records: list[dict[str, Any]], reference: str = "CVPO") -> 
             d_ret = mean(algos[reference], "final_return") - mean(algos[other], "final_return")
             d_cost = mean(algos[reference], "final_cost") - mean(algos[other], "final_cost")
             verdict += f"; {reference} vs {other}: return {d_ret:+.2f}, cost {d_cost:+.2f}"
+            if len(algos[reference]) != len(algos[other]):
+                # Unequal seed counts: the same comparison on the seeds both algorithms ran.
+                shared = {r["seed"] for r in algos[reference]} & {r["seed"] for r in algos[other]}
+                if shared:
+                    ref_s = [r for r in algos[reference] if r["seed"] in shared]
+                    oth_s = [r for r in algos[other] if r["seed"] in shared]
+                    seeds = ", ".join(str(s) for s in sorted(shared))
+                    verdict += (
+                        f" (on the seed(s) both ran, {seeds}: {reference} "
+                        f"{mean(ref_s, 'final_return'):.2f} at cost {mean(ref_s, 'final_cost'):.2f}"
+                        f", {other} {mean(oth_s, 'final_return'):.2f} at cost "
+                        f"{mean(oth_s, 'final_cost'):.2f})"
+                    )
         lines.append(
-            f"- {task}, {seeds_text} seed(s), {_cell(steps)} env steps, final return "
-            f"(mean over seeds): {'; '.join(parts)} ({limit_text}); {verdict}."
+            f"- {task}, {_cell(steps)} env steps, final return and cost (mean over seeds): "
+            f"{'; '.join(parts)} ({limit_text}); {verdict}."
         )
     return lines
 

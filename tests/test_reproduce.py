@@ -149,9 +149,10 @@ def test_comparison_states_limits_and_differences_from_the_records():
     ]
     lines = reproduce.comparison_lines(records)
     assert lines == [
-        "- T, 1/2 seed(s), 500,000 env steps, final return (mean over seeds): CVPO 11.00 at cost "
-        "25.00; SACLag 4.00 at cost 60.00 (limit 25); within the limit: CVPO; CVPO vs SACLag: "
-        "return +7.00, cost -35.00."
+        "- T, 500,000 env steps, final return and cost (mean over seeds): CVPO (2 seeds) 11.00 "
+        "at cost 25.00; SACLag (1 seed) 4.00 at cost 60.00 (limit 25); within the limit: CVPO; "
+        "CVPO vs SACLag: return +7.00, cost -35.00 (on the seed(s) both ran, 0: CVPO 10.00 at "
+        "cost 20.00, SACLag 4.00 at cost 60.00)."
     ]  # task U has no second algorithm at CVPO's budget: no line
     worse = reproduce.comparison_lines([rec("CVPO", 0, 1.0, 40.0), rec("SACLag", 0, 5.0, 30.0)])
     assert "neither meets the limit; CVPO vs SACLag: return -4.00, cost +10.00." in worse[0]
