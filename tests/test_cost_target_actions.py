@@ -113,3 +113,101 @@ def test_a_stored_buffer_without_next_actions_is_refused_with_the_fix(
             other.restore_from_path(path)
     finally:
         other.stop()
+
+
+# -- cost_target_actions="mean": a cost critic of the deterministic policy ------------------
+
+
+def test_cost_values_at_reduces_each_constraints_members_at_the_given_actions():
+    from rllib_ext.common.torch_learner import cost_values_at
+
+    torch.manual_seed(1)
+    E, m, Ec, B = 2, 2, 3, 6
+    critics = CriticEnsemble(4, 3, E + m * Ec, hidden=(8,))
+    obs, actions = torch.randn(B, 4), torch.randn(B, 3)
+    with torch.no_grad():
+        q = critics(obs, actions)  # (M, B)
+        got = cost_values_at(
+            critics,
+            obs,
+            actions,
+            num_reward_critics=E,
+            num_constraints=m,
+            num_cost_critics=Ec,
+            reduction="max",
+        )
+    assert got.shape == (m, B)
+    for k in range(m):
+        members = q[E + k * Ec : E + (k + 1) * Ec]
+        np.testing.assert_allclose(got[k], members.amax(0), rtol=1e-6)
+
+
+def test_cvpo_mean_cost_targets_bootstrap_on_pi_olds_mean_action(tiny_config):
+    """The learner's cost bootstrap equals the target cost critic at (s', mean of
+    pi_old(.|s')), clamped to the bounds, to float precision: recomputed here from the
+    module's own networks on one minibatch."""
+    from rllib_ext.cvpo.torch.default_cvpo_torch_rl_module import OLD_MEAN_NEXT, VC_NEXT
+
+    algo_ = tiny_config("CVPO", cost_target_actions="mean").build_algo()
+    try:
+        algo_.train()
+        learner = algo_.learner_group._learner
+        module = learner.module["default_policy"].unwrapped()
+        sample = algo_._replay.sample(32)
+        batch = {k: torch.as_tensor(v) for k, v in sample.items()}
+        old = module.forward_target(batch, generator=torch.Generator().manual_seed(0))
+        next_obs = batch["next_obs"].reshape(32, -1).float()
+        with torch.no_grad():
+            mean_next, _ = module.target_actor(next_obs)
+            a = torch.maximum(torch.minimum(mean_next, module.action_high), module.action_low)
+            q = module.target_critics(next_obs, a)  # (M, B)
+        torch.testing.assert_close(old[OLD_MEAN_NEXT], mean_next)
+        E = module.num_reward_critics
+        expected = q[E:].reshape(module.num_constraints, module.num_cost_critics, 32).mean(1)
+        got = learner.cost_bootstrap(module, algo_.config, batch, old)  # the loss's path
+        assert got.shape == (module.num_constraints, 32)
+        torch.testing.assert_close(got, expected)
+        # it differs from the paper's bootstrap on pi_old's samples
+        assert not torch.allclose(got, old[VC_NEXT])
+        paper = learner.cost_bootstrap(
+            module,
+            algo_.config.copy(copy_frozen=False).training(cost_target_actions="policy"),
+            batch,
+            old,
+        )
+        assert paper is old[VC_NEXT]
+        result = algo_.train()
+        assert np.isfinite(result["learners"]["default_policy"]["cost_critic_loss"])
+        assert "next_actions" not in algo_._replay.sample(4)  # nothing extra is stored
+    finally:
+        algo_.stop()
+
+
+def test_saclag_mean_cost_targets_use_the_deterministic_action(tiny_config, monkeypatch):
+    """Each update's cost bootstrap is the target cost critics at (s', tanh(mu(s'))) in
+    env units, mu from the actor as it is at that moment: checked inside the call."""
+    import importlib
+
+    learner_module = importlib.import_module(_LEARNER_MODULES["SACLag"])
+    original, holder, gaps = learner_module.cost_values_at, {}, []
+
+    def checked(critics, obs, actions, **kwargs):
+        module = holder["module"]
+        with torch.no_grad():
+            mu, _ = module.actor(obs)
+            expected = module.to_env_units(torch.tanh(mu))
+        gaps.append(float((actions - expected).abs().max()))
+        assert critics is module.target_critics
+        return original(critics, obs, actions, **kwargs)
+
+    monkeypatch.setattr(learner_module, "cost_values_at", checked)
+    algo_ = tiny_config("SACLag", cost_target_actions="mean").build_algo()
+    try:
+        holder["module"] = algo_.learner_group._learner.module["default_policy"].unwrapped()
+        for _ in range(2):
+            result = algo_.train()
+        assert algo_._num_updates > 0 and len(gaps) == algo_._num_updates
+        assert max(gaps) == 0.0
+        assert np.isfinite(result["learners"]["default_policy"]["cost_critic_loss"])
+    finally:
+        algo_.stop()

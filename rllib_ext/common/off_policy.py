@@ -185,8 +185,10 @@ class ConstrainedOffPolicyConfig(AlgorithmConfig):
             cost_target_reduction: "mean" or "max" over each cost ensemble in the
                 cost critics' TD target.
             cost_target_actions: "policy" (the target policy's samples at s', the
-                paper's) or "replay" (the action the behaviour took at s', stored in
-                the replay) as the next actions of the cost critics' TD target.
+                paper's), "replay" (the action the behaviour took at s', stored in
+                the replay) or "mean" (the target policy's mean action at s': a cost
+                critic of the deterministic policy, docs/constraint.md) as the next
+                actions of the cost critics' TD target.
             training_intensity: gradient updates per sampled env step.
             updates_per_learner_call: minibatch updates per learner call.
             replay_capacity: transitions held by the replay buffer.

@@ -109,6 +109,26 @@ def load_pickled_tensors_on_cpu():
         storage._load_from_bytes = original
 
 
+def cost_values_at(
+    target_critics: torch.nn.Module,
+    obs: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    num_reward_critics: int,
+    num_constraints: int,
+    num_cost_critics: int,
+    reduction: str,
+) -> torch.Tensor:
+    """(m, B) values of the target cost critics at (obs, actions), one action per state
+    (B, d), each constraint's ensemble reduced by ``reduction``. The ensemble holds the
+    reward critics first, then ``num_cost_critics`` members per constraint. Call without
+    gradients."""
+    B = obs.shape[0]
+    q = target_critics(obs, actions)  # (M, B)
+    E, m, Ec = num_reward_critics, num_constraints, num_cost_critics
+    return reduce_members(q[E:].reshape(m, Ec, B), reduction, 1)
+
+
 def cost_values_at_replay_actions(
     target_critics: torch.nn.Module,
     next_obs: torch.Tensor,
@@ -128,9 +148,15 @@ def cost_values_at_replay_actions(
     of an episode, ``next_action_valid`` 0). The ensemble holds the reward critics first,
     then ``num_cost_critics`` members per constraint. Call without gradients."""
     B = next_obs.shape[0]
-    q = target_critics(next_obs, batch["next_actions"].float().reshape(B, -1))  # (M, B)
-    E, m, Ec = num_reward_critics, num_constraints, num_cost_critics
-    vc = reduce_members(q[E:].reshape(m, Ec, B), reduction, 1)  # (m, B)
+    vc = cost_values_at(
+        target_critics,
+        next_obs,
+        batch["next_actions"].float().reshape(B, -1),
+        num_reward_critics=num_reward_critics,
+        num_constraints=num_constraints,
+        num_cost_critics=num_cost_critics,
+        reduction=reduction,
+    )
     valid = batch["next_action_valid"].float().reshape(1, B) > 0.5
     return torch.where(valid, vc, fallback)
 

@@ -19,8 +19,9 @@ REWARD_REDUCTIONS = ("min", "mean")
 #: how each constraint's cost critics are combined (max: pessimistic)
 COST_REDUCTIONS = ("mean", "max")
 #: which next actions the cost critics' TD target bootstraps on: the target policy's
-#: samples (the paper's), or the action the behaviour took there (docs/constraint.md)
-COST_TARGET_ACTIONS = ("policy", "replay")
+#: samples (the paper's), the action the behaviour took there, or the target policy's
+#: mean action (a cost critic of the deterministic policy; docs/constraint.md)
+COST_TARGET_ACTIONS = ("policy", "replay", "mean")
 #: where the per-step cost threshold's discounting comes from (docs/constraint.md)
 THRESHOLD_TIMINGS = ("measured", "even")
 #: the actor's covariance: diagonal, or full through a Cholesky factor (the original CVPO's)

@@ -34,6 +34,7 @@ from rllib_ext.cvpo.torch.default_cvpo_torch_rl_module import (
     ACTOR_MEAN,
     ACTOR_SCALE,
     OLD_MEAN,
+    OLD_MEAN_NEXT,
     OLD_SCALE,
     Q_COST,
     Q_REWARD,
@@ -56,6 +57,38 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
         )
         self.register_adam(module_id, "actor", self.get_parameters(module.actor), config.actor_lr)
 
+    @staticmethod
+    def cost_bootstrap(module, config, batch: dict[str, Any], old: dict[str, Any]):
+        """(m, B) the cost critics' value at s' in the TD target, by
+        ``cost_target_actions``: "policy" (the paper's) pi_old's samples, "replay" the
+        behaviour's action at s', "mean" pi_old's mean action (docs/constraint.md)."""
+        vc_next = old[VC_NEXT]  # (m, B): pi_old's samples at s'
+        how = config.cost_target_actions
+        if how == "policy":
+            return vc_next
+        B = vc_next.shape[1]
+        next_obs = batch["next_obs"].reshape(B, -1).float()
+        with torch.no_grad():
+            if how == "replay":  # the behaviour's action at s'
+                return cost_values_at_replay_actions(
+                    module.target_critics,
+                    next_obs,
+                    batch,
+                    vc_next,
+                    num_reward_critics=module.num_reward_critics,
+                    num_constraints=module.num_constraints,
+                    num_cost_critics=module.num_cost_critics,
+                    reduction=module.cost_target_reduction,
+                )
+            # "mean": one action per state, clamped to the bounds by q_values
+            _, qc = module.q_values(
+                module.target_critics,
+                next_obs,
+                old[OLD_MEAN_NEXT].unsqueeze(1),
+                cost_reduction=module.cost_target_reduction,
+            )  # (m, B, 1)
+            return qc[..., 0]
+
     @override(Learner)
     def compute_loss_for_module(
         self,
@@ -73,19 +106,7 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
         costs = batch["costs"].float().reshape(rewards.shape[0], -1)  # (B, m)
 
         # 1. n-step TD targets: y = R + gamma^n V_old(s'), per constraint for the costs
-        vc_next = old[VC_NEXT]  # (m, B): pi_old's samples at s'
-        if config.cost_target_actions == "replay":  # the behaviour's action at s'
-            with torch.no_grad():
-                vc_next = cost_values_at_replay_actions(
-                    module.target_critics,
-                    batch["next_obs"].reshape(rewards.shape[0], -1).float(),
-                    batch,
-                    vc_next,
-                    num_reward_critics=module.num_reward_critics,
-                    num_constraints=module.num_constraints,
-                    num_cost_critics=module.num_cost_critics,
-                    reduction=module.cost_target_reduction,
-                )
+        vc_next = self.cost_bootstrap(module, config, batch, old)  # (m, B)
         y_r = rewards + discounts * old[V_NEXT]  # (B,)
         y_c = costs.T + discounts * vc_next  # (m, B)
         # 2. critic loss: every ensemble member regresses onto its target

@@ -50,6 +50,7 @@ Q_SAMPLED = "q_sampled"  # (B, K) reduced reward value of each sampled action
 QC_SAMPLED = "qc_sampled"  # (m, B, K) reduced cost value per constraint
 V_NEXT = "v_next"  # (B,) reward bootstrap at s'
 VC_NEXT = "vc_next"  # (m, B) cost bootstrap at s'
+OLD_MEAN_NEXT = "old_mean_next"  # (B, d) pi_old's mean action at s'
 
 
 def sample_gaussian(
@@ -158,6 +159,7 @@ class DefaultCVPOTorchRLModule(TorchRLModule, InferenceOnlyAPI, TargetNetworkAPI
                 QC_SAMPLED: torch.nan_to_num(qc, nan=0.0, posinf=0.0, neginf=0.0),
                 V_NEXT: v_next.mean(-1),
                 VC_NEXT: vc_next.mean(-1),
+                OLD_MEAN_NEXT: mean_next,
             }
 
     def q_values(

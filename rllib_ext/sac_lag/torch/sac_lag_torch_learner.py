@@ -8,7 +8,9 @@ columns as CVPO's: ``obs, actions, rewards, costs (B, m), next_obs, discounts``)
    ``y_r = R + discount * (reduce_r Q_r'(s', a') - alpha log pi(a'|s'))`` for the
    reward members and ``y_c,k = C_k + discount * reduce_t Q_c,k'(s', a')`` (reduce_t:
    ``cost_target_reduction`` over constraint k's cost critics, as in CVPO) for its
-   cost members (no entropy bonus in the cost);
+   cost members (no entropy bonus in the cost); with ``cost_target_actions`` "replay"
+   the cost side bootstraps on the behaviour's action at s', with "mean" on the
+   actor's deterministic action ``tanh(mu(s'))`` in env units;
 2. actor: a ~ pi(.|s) reparameterised,
    ``L_pi = mean_s [alpha log pi(a|s) - reduce_r Q_r(s, a) + sum_k lambda_k reduce_c Q_c,k(s, a)]``,
    divided by ``1 + sum_k lambda_k`` when ``lagrangian_normalize_actor_loss``;
@@ -36,6 +38,7 @@ from cvpo.networks import reduce_members
 from rllib_ext.common import metrics as M
 from rllib_ext.common.torch_learner import (
     ConstrainedTorchLearner,
+    cost_values_at,
     cost_values_at_replay_actions,
 )
 from rllib_ext.sac_lag.torch.default_sac_lag_torch_rl_module import ACTOR_MEAN, ACTOR_STD
@@ -118,6 +121,17 @@ class SACLagTorchLearner(ConstrainedTorchLearner):
                     next_obs,
                     batch,
                     v_c,
+                    num_reward_critics=E,
+                    num_constraints=m,
+                    num_cost_critics=Ec,
+                    reduction=config.cost_target_reduction,
+                )
+            elif config.cost_target_actions == "mean":  # the deterministic action at s'
+                a_mean = module.to_env_units(torch.tanh(mu_next))
+                v_c = cost_values_at(
+                    module.target_critics,
+                    next_obs,
+                    a_mean,
                     num_reward_critics=E,
                     num_constraints=m,
                     num_cost_critics=Ec,
