@@ -74,6 +74,11 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         self.mstep_alpha_lr = 10.0  # step size of the KL multipliers' own updates
         self.alpha_mu_max = 10.0
         self.alpha_sigma_max = 100.0
+        # Fit the actor to the sampled actions clamped to the action bounds (what the env
+        # executes and the critics score) instead of the raw samples: beyond a bound the
+        # critics are flat, and fitting the raw samples there lets the std run to std_max
+        # (docs/constraint.md, item 6). Off: the paper's fit.
+        self.mstep_clip_targets = False
         # --- the actor's covariance: "diagonal", or "full" (Cholesky, the original CVPO's) ---
         self.actor_covariance = "diagonal"
         # --- critics (tau, the polyak rate, also moves the target actor pi_old) ---
@@ -96,6 +101,7 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
         mstep_alpha_lr=NotProvided,
         alpha_mu_max=NotProvided,
         alpha_sigma_max=NotProvided,
+        mstep_clip_targets=NotProvided,
         actor_covariance=NotProvided,
         num_target_actions=NotProvided,
         kl_bound=NotProvided,
@@ -130,6 +136,9 @@ class CVPOConfig(ConstrainedOffPolicyConfig):
             mstep_kl_mu, mstep_kl_sigma: trust-region bounds of the M-step.
             mstep_alpha_lr, alpha_mu_max, alpha_sigma_max: the KL multipliers' step size
                 and caps.
+            mstep_clip_targets: fit the actor to the E-step's sampled actions clamped
+                to the action bounds (True) or to the raw samples (False, the paper's;
+                docs/constraint.md, item 6).
             actor_covariance: "diagonal" (a std per action dimension) or "full" (a
                 Cholesky factor per state, the original CVPO's actor).
             num_target_actions: actions from pi_old averaged in the TD target.

@@ -146,6 +146,7 @@ def validate_cvpo_config(cfg) -> None:
     ):
         _positive(cfg, key)
     _positive(cfg, "num_target_actions", integer=True)
+    _check_bool(cfg, "mstep_clip_targets")
     validate_off_policy_config(cfg)
 
 

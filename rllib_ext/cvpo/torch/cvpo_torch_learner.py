@@ -89,6 +89,15 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
             )  # (m, B, 1)
             return qc[..., 0]
 
+    @staticmethod
+    def mstep_targets(module, config, sampled: torch.Tensor) -> torch.Tensor:
+        """(B, K, d) the actions the M-step fits: pi_old's samples, or with
+        ``mstep_clip_targets`` the samples clamped to the action bounds, the actions the
+        env executes and the critics scored (docs/constraint.md, item 6)."""
+        if not config.mstep_clip_targets:
+            return sampled
+        return torch.maximum(torch.minimum(sampled, module.action_high), module.action_low)
+
     @override(Learner)
     def compute_loss_for_module(
         self,
@@ -130,7 +139,7 @@ class CVPOTorchLearner(CVPOLearner, ConstrainedTorchLearner):
             fwd_out[ACTOR_SCALE],
             old[OLD_MEAN],
             old[OLD_SCALE],
-            old[SAMPLED_ACTIONS],
+            self.mstep_targets(module, config, old[SAMPLED_ACTIONS]),
             dual.weights,
             self._trust[module_id],
         )
