@@ -9,6 +9,10 @@ deterministic (evaluation) episodes, and prints JSON with:
   (s_t, a_t) of the stochastic episodes, minus the Monte-Carlo discounted cost
   to go ``G_t = sum_k gamma^k c_{t+k}`` (bootstrapped with the critic at the
   time limit); ``critic_ratio`` = mean critic / mean G (< 1: underestimation);
+- ``actor_std_median`` / ``actor_std_p10`` / ``actor_std_p90``: the actor's standard
+  deviation (per action dimension, in action units) on the states the stochastic
+  episodes visited, with ``action_half_range``; ``mean_outside_bounds`` is the share
+  of those states whose mean action lies outside the bounds (the env clips it);
 - ``state_mean_G`` vs ``step_threshold``: what the E-step constrains is the mean
   over states of Q_c; this is its true value on the policy's own states;
   ``episode_cost_at_threshold`` = cost_stochastic * threshold / state_mean_G is
@@ -61,6 +65,23 @@ def _critic_costs(module, cfg, obs: np.ndarray, actions: np.ndarray) -> np.ndarr
         qc = q_all[E:].reshape(m, Ec, -1)
         qc = qc.max(dim=1).values if cfg.cost_critic_reduction == "max" else qc.mean(dim=1)
     return qc.numpy()
+
+
+def _actor_spread(module, obs: np.ndarray) -> dict:
+    """The actor's std (per dimension, action units) and where its mean lies, on obs."""
+    with torch.no_grad():
+        mean, scale = module.actor(torch.as_tensor(obs, dtype=torch.float32))
+    if scale.dim() == 3:  # a Cholesky factor L: std = sqrt(diag(L L^T))
+        scale = (scale**2).sum(-1).sqrt()
+    std, mean = scale.numpy().ravel(), mean.numpy()
+    low, high = module.action_space.low, module.action_space.high
+    return {
+        "actor_std_median": float(np.median(std)),
+        "actor_std_p10": float(np.quantile(std, 0.1)),
+        "actor_std_p90": float(np.quantile(std, 0.9)),
+        "action_half_range": float(np.mean((high - low) / 2)),
+        "mean_outside_bounds": float(np.mean((mean < low) | (mean > high))),
+    }
 
 
 def _episodes(module, env_id, env_config, keys, episodes, seed, explore):
@@ -137,6 +158,7 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
         g_true.append(G)
         state_means.append(G.mean())
     q_hat, g_true = np.concatenate(q_hat), np.concatenate(g_true)
+    actor = _actor_spread(module, np.concatenate([e["obs"] for e in stoch]))
     cost_stoch = float(np.mean([e["cost"].sum() for e in stoch]))
     cost_det = float(np.mean([e["cost"].sum() for e in det]))
     state_mean_g = float(np.mean(state_means))
@@ -157,6 +179,7 @@ def diagnose(checkpoint: str, episodes: int = 20, seed: int = 10_000) -> dict:
         "mc_mean": float(g_true.mean()),
         "critic_bias": float((q_hat - g_true).mean()),
         "critic_ratio": float(q_hat.mean() / g_true.mean()) if g_true.mean() > 0 else None,
+        **actor,
         "state_mean_G": state_mean_g,
         "episode_cost_at_threshold": cost_stoch * eps / state_mean_g if state_mean_g > 0 else None,
     }
