@@ -178,7 +178,9 @@ def test_two_env_runners_on_safety_point_goal(ray_local, async_sampling, tiny_co
     er = result["env_runners"]
     assert in_flight == (2 if async_sampling else 0)
     assert sum(per_runner) == er["num_env_steps_sampled_lifetime"] + 50 * in_flight, per_runner
-    assert len(per_runner) == 2 and all(s >= 200 for s in per_runner), per_runner
+    # both runners deliver chunks; how the 400+ steps split between them depends on the
+    # machine's load (a CI run beside a training run saw 150 and 350), so no even split
+    assert len(per_runner) == 2 and all(s >= 50 for s in per_runner), per_runner
     assert er["num_env_steps_sampled_lifetime"] >= 400
     assert M.EPISODE_COST_MEAN in er or er.get("num_episodes_lifetime", 0) == 0
     assert result[M.CVPO_RESULTS][M.UPDATES_LIFETIME] > 0
