@@ -39,6 +39,11 @@ PointGoal1 supports), and with the E-step's step threshold:
   .venv/bin/python benchmarks/constraint_diagnosis.py --critic-tracking \
       docs/measurements/pointgoal1_*.jsonl --write docs/constraint_critic_tracking.md
 
+``--windows LOG [LOG ...]`` prints, per log, the training episodes' mean cost and
+return per window of env steps (``--window-steps``, default 60k, up to ``--upto``,
+default 240k) and the training cost rate at ``--upto``: how diagnostic runs are
+compared with a recorded run over the same steps.
+
 See docs/constraint.md for the measurements and what was changed.
 """
 
@@ -369,6 +374,34 @@ def critic_tracking_report(paths: list[str], gamma: float, write: str | None) ->
     return result
 
 
+def training_windows(rows: list[dict], window: int, upto: int) -> dict:
+    """Per window of ``window`` env steps up to ``upto``: the mean over iterations of the
+    training episodes' mean cost and return (iterations without a finished episode
+    skipped), and the training cost rate at ``upto``."""
+    steps_key = "train/num_env_steps_sampled_lifetime"
+
+    def mean(rows_in, key):
+        v = [r[key] for r in rows_in if r.get(key) is not None and r[key] == r[key]]
+        return float(np.mean(v)) if v else None
+
+    out = []
+    for lo in range(0, upto, window):
+        w = [r for r in rows if lo < (r.get(steps_key) or 0) <= lo + window]
+        out.append(
+            {
+                "env_steps": lo + window,
+                "train_cost": mean(w, "train/episode_cost_mean"),
+                "train_return": mean(w, "train/episode_return_mean"),
+            }
+        )
+    rates = [
+        r["train/cost_rate"]
+        for r in rows
+        if (r.get(steps_key) or 0) <= upto and r.get("train/cost_rate") is not None
+    ]
+    return {"windows": out, "cost_rate": rates[-1] if rates else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", nargs="?")
@@ -389,7 +422,20 @@ def main(argv=None) -> int:
         help="per-iteration logs (progress.jsonl) to compare the cost critic with the cost paid",
     )
     p.add_argument("--gamma", type=float, default=0.99, help="with --critic-tracking")
+    p.add_argument(
+        "--windows",
+        nargs="+",
+        metavar="LOG",
+        help="per-iteration logs: training cost and return per window of env steps (JSON)",
+    )
+    p.add_argument("--window-steps", type=int, default=60_000, help="with --windows")
+    p.add_argument("--upto", type=int, default=240_000, help="with --windows")
     args = p.parse_args(argv)
+    if args.windows:
+        for path in args.windows:
+            rows = [json.loads(line) for line in open(path)]
+            print(json.dumps({"log": path, **training_windows(rows, args.window_steps, args.upto)}))
+        return 0
     if args.critic_tracking:
         critic_tracking_report(args.critic_tracking, args.gamma, args.write)
         return 0
