@@ -40,9 +40,18 @@ PointGoal1 supports), and with the E-step's step threshold:
       docs/measurements/pointgoal1_*.jsonl --write docs/constraint_critic_tracking.md
 
 ``--windows LOG [LOG ...]`` prints, per log, the training episodes' mean cost and
-return per window of env steps (``--window-steps``, default 60k, up to ``--upto``,
-default 240k) and the training cost rate at ``--upto``: how diagnostic runs are
-compared with a recorded run over the same steps.
+return and the evaluations' mean cost and return per window of env steps
+(``--window-steps``, default 60k, up to ``--upto``, default 240k) and the training
+cost rate at ``--upto``: how diagnostic runs are compared with a recorded run over
+the same steps. A LOG is a ``progress.jsonl`` or a ``make reproduce`` record
+(``tuned_examples/cvpo/results/<task>/<ALGO>-seed<k>.json``, whose curve holds the
+same per-iteration means; its cost rate is known only at the end of the run), or
+``COMMIT:PATH`` for a record as committed then; ``--write FILE`` writes the table:
+
+  .venv/bin/python benchmarks/constraint_diagnosis.py --windows \
+      tuned_examples/cvpo/results/SafetyPointGoal1-v0/CVPO-seed0.json \
+      86041f2:tuned_examples/cvpo/results/SafetyPointGoal1-v0/CVPO-seed0.json \
+      --window-steps 100000 --upto 500000 --write docs/pointgoal1_windows.md
 
 See docs/constraint.md for the measurements and what was changed.
 """
@@ -374,24 +383,124 @@ def critic_tracking_report(paths: list[str], gamma: float, write: str | None) ->
     return result
 
 
+def rows_from_record(record: dict) -> list[dict]:
+    """A ``make reproduce`` record (``tuned_examples/cvpo/results/<task>/<ALGO>-seed<k>.json``)
+    as per-iteration rows in the progress log's keys: its curve holds each iteration's
+    training means and, at the evaluation iterations, the evaluation's. The training cost
+    rate is known only at the end of the run (the record's)."""
+    rows = []
+    for point in record["curve"]:
+        row = {
+            "train/num_env_steps_sampled_lifetime": point["env_steps"],
+            "train/episode_cost_mean": point.get("train_cost"),
+            "train/episode_return_mean": point.get("train_return"),
+        }
+        if point.get("eval_cost") is not None:
+            row["eval/episode_cost_mean"] = point["eval_cost"]
+            row["eval/episode_return_mean"] = point.get("eval_return")
+            row["eval/num_env_steps_sampled_lifetime"] = point["env_steps"]
+        rows.append(row)
+    if rows and record.get("training_cost_rate") is not None:
+        rows[-1]["train/cost_rate"] = record["training_cost_rate"]
+    return rows
+
+
+def read_log(path: str) -> list[dict]:
+    """Per-iteration rows of a progress log (``.jsonl``) or of a reproduce record (``.json``).
+    ``COMMIT:PATH`` reads the file as committed at COMMIT (``git show``), so a record that
+    a later run replaced in RESULTS.md can still be compared with its successor."""
+    if not Path(path).exists() and ":" in path:
+        import subprocess
+
+        shown = subprocess.run(["git", "show", path], capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise SystemExit(f"--windows: cannot read {path}: {shown.stderr.strip()}")
+        text = shown.stdout
+    else:
+        text = Path(path).read_text()
+    if path.endswith(".json"):
+        return rows_from_record(json.loads(text))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def windows_report(paths: list[str], window: int, upto: int, write: str | None) -> list[dict]:
+    """``training_windows`` of each log, printed as JSON lines and, with ``write``, as a
+    markdown table (one row per log and window)."""
+
+    def fmt(v, spec=".2f"):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        "<!-- written by `.venv/bin/python benchmarks/constraint_diagnosis.py --windows "
+        + " ".join(paths)
+        + f" --window-steps {window} --upto {upto} --write {write}`; do not edit -->",
+        f"Per window of {window:,} env steps up to {upto:,}: the training (sampling) "
+        "episodes' mean cost and return, averaged over the window's iterations, and the "
+        "deterministic evaluations' mean cost and return, averaged over the window's "
+        "evaluations; the training cost rate (summed training cost / env steps) at the "
+        "end. Limit 25 per 1000-step episode, i.e. a cost rate of 0.025.",
+        "",
+        "| log | env steps | training cost | training return | evaluation cost "
+        "| evaluation return | evaluations |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out = []
+    for path in paths:
+        got = {"log": path, **training_windows(read_log(path), window, upto)}
+        print(json.dumps(got))
+        out.append(got)
+        for w in got["windows"]:
+            lines.append(
+                f"| {path} | {w['env_steps']:,} | {fmt(w['train_cost'])} "
+                f"| {fmt(w['train_return'])} | {fmt(w['eval_cost'])} "
+                f"| {fmt(w['eval_return'])} | {w['evaluations']} |"
+            )
+    lines += ["", "| log | training cost rate |", "|---|---|"]
+    lines += [f"| {g['log']} | {fmt(g['cost_rate'], '.4f')} |" for g in out]
+    if write:
+        Path(write).write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _evaluations(rows: list[dict]) -> list[dict]:
+    """One row per evaluation: the progress log repeats the last evaluation's metrics
+    on the iterations between evaluations, so a row counts only where the evaluation's
+    own step counter moved."""
+    out, last = [], None
+    for r in rows:
+        marker = r.get("eval/num_env_steps_sampled_lifetime")
+        if r.get("eval/episode_cost_mean") is None or marker is None or marker == last:
+            continue
+        last = marker
+        out.append(r)
+    return out
+
+
 def training_windows(rows: list[dict], window: int, upto: int) -> dict:
     """Per window of ``window`` env steps up to ``upto``: the mean over iterations of the
     training episodes' mean cost and return (iterations without a finished episode
-    skipped), and the training cost rate at ``upto``."""
+    skipped), the mean over the window's evaluations of their cost and return (the
+    deterministic policy; ``None`` without an evaluation), and the training cost rate
+    at ``upto``."""
     steps_key = "train/num_env_steps_sampled_lifetime"
 
     def mean(rows_in, key):
         v = [r[key] for r in rows_in if r.get(key) is not None and r[key] == r[key]]
         return float(np.mean(v)) if v else None
 
+    evaluations = _evaluations(rows)
     out = []
     for lo in range(0, upto, window):
         w = [r for r in rows if lo < (r.get(steps_key) or 0) <= lo + window]
+        ev = [r for r in evaluations if lo < (r.get(steps_key) or 0) <= lo + window]
         out.append(
             {
                 "env_steps": lo + window,
                 "train_cost": mean(w, "train/episode_cost_mean"),
                 "train_return": mean(w, "train/episode_return_mean"),
+                "eval_cost": mean(ev, "eval/episode_cost_mean"),
+                "eval_return": mean(ev, "eval/episode_return_mean"),
+                "evaluations": len(ev),
             }
         )
     rates = [
@@ -413,7 +522,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--write",
         default=None,
-        help="with --tiny-ablation / --critic-tracking: write the markdown table here",
+        help="with --tiny-ablation / --critic-tracking / --windows: write the markdown table here",
     )
     p.add_argument(
         "--critic-tracking",
@@ -426,15 +535,14 @@ def main(argv=None) -> int:
         "--windows",
         nargs="+",
         metavar="LOG",
-        help="per-iteration logs: training cost and return per window of env steps (JSON)",
+        help="per-iteration logs (progress.jsonl) or reproduce records (.json): training and "
+        "evaluation cost and return per window of env steps (JSON)",
     )
     p.add_argument("--window-steps", type=int, default=60_000, help="with --windows")
     p.add_argument("--upto", type=int, default=240_000, help="with --windows")
     args = p.parse_args(argv)
     if args.windows:
-        for path in args.windows:
-            rows = [json.loads(line) for line in open(path)]
-            print(json.dumps({"log": path, **training_windows(rows, args.window_steps, args.upto)}))
+        windows_report(args.windows, args.window_steps, args.upto, args.write)
         return 0
     if args.critic_tracking:
         critic_tracking_report(args.critic_tracking, args.gamma, args.write)
