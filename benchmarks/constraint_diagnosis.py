@@ -364,8 +364,7 @@ def critic_tracking_report(paths: list[str], gamma: float, write: str | None) ->
     ]
     result = []
     for path in paths:
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = read_log(path)
         name = os.path.basename(path).removesuffix(".jsonl")
         for r in critic_tracking(rows, gamma):
             r["run"] = name
