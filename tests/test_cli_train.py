@@ -70,6 +70,13 @@ def test_train_then_evaluate(tmp_path):
     assert res["episodes"] == 3 and res["cost_limit"] == 5.0
     assert res["cost_mean"] >= 0 and 0 <= res["violation_rate"] <= 1
     assert res["episode_length_mean"] == 100
+    # the per-episode lists are the ones the summary was computed from
+    costs, returns = res["episode_costs"], res["episode_returns"]
+    assert len(costs) == len(returns) == 3
+    assert res["cost_mean"] == pytest.approx(sum(costs) / 3)
+    assert res["reward_mean"] == pytest.approx(sum(returns) / 3)
+    assert res["cost_max"] == max(costs) and res["cost_median"] == sorted(costs)[1]
+    assert res["violation_rate"] == pytest.approx(sum(c > 5.0 for c in costs) / 3)
 
 
 @pytest.mark.slow

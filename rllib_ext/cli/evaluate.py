@@ -60,7 +60,11 @@ def add_parser(sub) -> None:
     ev.add_argument(
         "--render", default=None, help="write a video of the first episode (.mp4 or .gif)"
     )
-    ev.add_argument("--out", default=None, help="also write the results as JSON here")
+    ev.add_argument(
+        "--out",
+        default=None,
+        help="also write the results as JSON here, with the per-episode returns and costs",
+    )
 
 
 def _limits_text(res: dict[str, Any]) -> str:
@@ -155,6 +159,8 @@ def evaluate_checkpoint(
         "reward_std": float(np.std(returns)),
         "cost_mean": float(np.mean(costs)),
         "cost_std": float(np.std(costs)),
+        "cost_median": float(np.median(costs)),
+        "cost_max": float(np.max(costs)),
         "episode_length_mean": float(np.mean(lengths)),
         # the episode cost is summed over the constraints; so is this limit (display only)
         "cost_limit": None if limits is None else float(sum(limits)),
@@ -164,6 +170,10 @@ def evaluate_checkpoint(
     }
     if len(keys) > 1:
         result["cost_mean_per_key"] = dict(zip(keys, per_key.mean(axis=0).tolist()))
+    # per episode, in rollout order (episode i reset with seed + i): the spread behind the
+    # means (a few episodes that pay hundreds move a 5-episode mean far from the median)
+    result["episode_returns"] = [float(r) for r in returns]
+    result["episode_costs"] = [float(c) for c in costs]
     if render:
         result["video"] = write_video(frames, render)
     return result
