@@ -46,12 +46,14 @@ cost rate at ``--upto``: how diagnostic runs are compared with a recorded run ov
 the same steps. A LOG is a ``progress.jsonl`` or a ``make reproduce`` record
 (``tuned_examples/cvpo/results/<task>/<ALGO>-seed<k>.json``, whose curve holds the
 same per-iteration means; its cost rate is known only at the end of the run), or
-``COMMIT:PATH`` for a record as committed then; ``--write FILE`` writes the table:
+``COMMIT:PATH`` for a record as committed then; ``--write FILE`` writes the table,
+its first line the command (docs/pointgoal1_clip_targets_windows.md: six PointGoal1
+records, with and without ``mstep_clip_targets``):
 
   .venv/bin/python benchmarks/constraint_diagnosis.py --windows \
-      tuned_examples/cvpo/results/SafetyPointGoal1-v0/CVPO-seed0.json \
+      81fdd2c:tuned_examples/cvpo/results/SafetyPointGoal1-v0/CVPO-seed0.json \
       86041f2:tuned_examples/cvpo/results/SafetyPointGoal1-v0/CVPO-seed0.json \
-      --window-steps 100000 --upto 500000 --write docs/pointgoal1_windows.md
+      --window-steps 100000 --upto 500000 --write /tmp/windows.md
 
 See docs/constraint.md for the measurements and what was changed.
 """
