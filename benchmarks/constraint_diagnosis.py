@@ -466,13 +466,16 @@ def windows_report(paths: list[str], window: int, upto: int, write: str | None) 
 def _evaluations(rows: list[dict]) -> list[dict]:
     """One row per evaluation: the progress log repeats the last evaluation's metrics
     on the iterations between evaluations, so a row counts only where the evaluation's
-    own step counter moved."""
-    out, last = [], None
+    lifetime step counter reached a new maximum (between evaluations the logged value
+    can also fall back to one evaluation's steps, which is not a new evaluation)."""
+    out, top = [], None
     for r in rows:
         marker = r.get("eval/num_env_steps_sampled_lifetime")
-        if r.get("eval/episode_cost_mean") is None or marker is None or marker == last:
+        if r.get("eval/episode_cost_mean") is None or marker is None:
             continue
-        last = marker
+        if top is not None and marker <= top:
+            continue
+        top = marker
         out.append(r)
     return out
 

@@ -49,7 +49,7 @@ def test_windows_average_iterations_and_skip_those_without_episodes(tmp_path, ca
 
 def test_evaluations_count_once_although_the_log_repeats_them():
     # the progress log carries the last evaluation's metrics on every later iteration
-    rows = [_row(1000, 10.0, 1.0, 0.01) for _ in range(4)]
+    rows = [_row(1000, 10.0, 1.0, 0.01) for _ in range(5)]
     for i, r in enumerate(rows):
         r["train/num_env_steps_sampled_lifetime"] = 1000 * (i + 1)
     rows[0].update(
@@ -80,7 +80,15 @@ def test_evaluations_count_once_although_the_log_repeats_them():
             "eval/episode_return_mean": 8.0,
         }
     )
-    got = _module().training_windows(rows, window=4000, upto=4000)["windows"][0]
+    # between evaluations the logged counter can fall back to one evaluation's steps
+    rows[4].update(
+        {
+            "eval/num_env_steps_sampled_lifetime": 500,
+            "eval/episode_cost_mean": 10.0,
+            "eval/episode_return_mean": 8.0,
+        }
+    )
+    got = _module().training_windows(rows, window=5000, upto=5000)["windows"][0]
     assert got["evaluations"] == 2
     assert got["eval_cost"] == 25.0 and got["eval_return"] == 5.0  # not (40*2+10*2)/4 weighted
 
